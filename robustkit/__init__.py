@@ -1,0 +1,60 @@
+"""robustkit: harden PyTorch image classifiers and clean up after backdoor attacks.
+
+Images are float tensors N x C x H x W in [0, 1] everywhere; a model's normalization
+lives inside the model.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from . import attacks, data, defenses, kernels, models  # noqa: F401  (registers plug-ins)
+from .base import (
+    BackdoorAttack,
+    DataFilter,
+    EvasionAttack,
+    FilterResult,
+    ModelRepair,
+    Preprocessor,
+    RepairResult,
+)
+from .errors import ConfigError, DataNotFoundError, InputError, RobustkitError, UnknownNameError
+from .registry import (
+    ATTACKS,
+    BACKDOORS,
+    DATASETS,
+    FILTERS,
+    MODELS,
+    PREPROCESSORS,
+    REGISTRIES,
+    REPAIRS,
+    STEPS,
+)
+from .wrap import Defended, wrap
+
+__all__ = [
+    "__version__",
+    "wrap",
+    "Defended",
+    "Preprocessor",
+    "EvasionAttack",
+    "BackdoorAttack",
+    "ModelRepair",
+    "RepairResult",
+    "DataFilter",
+    "FilterResult",
+    "RobustkitError",
+    "ConfigError",
+    "InputError",
+    "UnknownNameError",
+    "DataNotFoundError",
+    "PREPROCESSORS",
+    "ATTACKS",
+    "BACKDOORS",
+    "REPAIRS",
+    "FILTERS",
+    "MODELS",
+    "DATASETS",
+    "STEPS",
+    "REGISTRIES",
+]

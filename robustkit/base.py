@@ -1,0 +1,224 @@
+"""The small interfaces every plug-in implements.
+
+Kept deliberately thin, like torchattacks' ``Attack``: a base class checks inputs and
+guarantees the contract (range, eps-ball, no mutation), a subclass does the maths.
+
+- :class:`Preprocessor` - an ``nn.Module`` mapping images to images (a defense in front of a model).
+- :class:`EvasionAttack` - ``attack(model, x, y) -> x_adv`` inside the eps-ball and [0, 1].
+- :class:`BackdoorAttack` - ``apply(x)`` stamps a trigger; ``poison(dataset, ...)`` builds a poisoned set.
+- :class:`ModelRepair` - ``repair(model, clean_data) -> RepairResult``; never mutates the input model.
+- :class:`DataFilter` - ``fit(model, dataset) -> FilterResult`` with per-sample scores and flags.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset, Subset
+
+from .errors import InputError
+from .validation import check_images, check_labels, check_same_device
+
+
+class Preprocessor(nn.Module):
+    """An image -> image transform placed in front of a classifier.
+
+    Class attributes tell evaluators how to attack it honestly:
+
+    - ``randomized``: output is random (an attack needs Expectation over Transformation).
+    - ``differentiable``: autograd gives the true gradient (else use BPDA).
+
+    Randomized preprocessors draw from their own ``torch.Generator`` when seeded
+    (``seed=`` in the constructor or :meth:`reseed`), otherwise from torch's global RNG.
+    """
+
+    randomized: bool = False
+    differentiable: bool = True
+
+    def __init__(self, seed: int | None = None):
+        super().__init__()
+        self._seed = seed
+        self._generators: dict[str, torch.Generator] = {}
+
+    def reseed(self, seed: int | None) -> "Preprocessor":
+        """Restart the preprocessor's random stream (``None``: use the global RNG)."""
+        self._seed = seed
+        self._generators.clear()
+        return self
+
+    def generator(self, device: torch.device) -> torch.Generator | None:
+        """The generator for ``device`` (created on first use from the seed), or ``None``."""
+        if self._seed is None:
+            return None
+        key = str(device)
+        if key not in self._generators:
+            self._generators[key] = torch.Generator(device=device).manual_seed(self._seed)
+        return self._generators[key]
+
+    def extra_repr(self) -> str:
+        return f"seed={self._seed}" if self._seed is not None else ""
+
+
+class EvasionAttack(abc.ABC):
+    """Base of test-time (evasion) attacks: ``x_adv = attack(model, x, y)``.
+
+    The base class validates the inputs, switches the model to eval mode for the
+    duration (restoring it after), and checks the result never leaves ``[0, 1]`` or the
+    ``eps``-ball of the given ``norm`` - a violated bound is a bug and raises.
+    """
+
+    norm: str = "linf"
+
+    def __init__(self, eps: float, norm: str = "linf", targeted: bool = False):
+        norm = norm.lower()
+        if norm not in ("linf", "l2"):
+            raise InputError(f"norm must be 'linf' or 'l2', got {norm!r}")
+        if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
+            raise InputError(f"eps must be a finite number >= 0, got {eps!r}")
+        self.eps = float(eps)
+        self.norm = norm
+        self.targeted = bool(targeted)
+
+    @abc.abstractmethod
+    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Return adversarial images for a validated batch (subclasses implement this)."""
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        check_images(x, "x")
+        check_labels(y, x.shape[0], "y")
+        check_same_device(x, y, names=("x", "y"))
+        for p in model.parameters():
+            if p.device != x.device:
+                raise InputError(f"model is on {p.device} but x is on {x.device}; move them to one device")
+            break
+        was_training = model.training
+        model.eval()
+        try:
+            x_adv = self.perturb(model, x.detach(), y.detach())
+        finally:
+            model.train(was_training)
+        self.check_bounds(x, x_adv)
+        return x_adv.detach()
+
+    def distance(self, x: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
+        """Per-sample perturbation size in the attack's norm."""
+        delta = (x_adv - x).flatten(1)
+        return delta.abs().amax(1) if self.norm == "linf" else delta.norm(p=2, dim=1)
+
+    def project(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Project onto the eps-ball around ``x`` intersected with ``[0, 1]``."""
+        delta = x_adv - x
+        if self.norm == "linf":
+            delta = delta.clamp(-self.eps, self.eps)
+        else:
+            norms = delta.flatten(1).norm(p=2, dim=1).clamp_min(1e-12)
+            factor = (self.eps / norms).clamp(max=1.0)
+            delta = delta * factor.view(-1, *([1] * (x.dim() - 1)))
+        return (x + delta).clamp(0.0, 1.0)
+
+    def check_bounds(self, x: torch.Tensor, x_adv: torch.Tensor) -> None:
+        if x_adv.shape != x.shape:
+            raise RuntimeError(f"{type(self).__name__} returned shape {tuple(x_adv.shape)} for input {tuple(x.shape)}")
+        tol = 1e-5
+        if float(x_adv.min()) < -tol or float(x_adv.max()) > 1 + tol:
+            raise RuntimeError(f"{type(self).__name__} left [0, 1]")
+        dist = float(self.distance(x, x_adv).max())
+        if dist > self.eps * (1 + 1e-4) + tol:
+            raise RuntimeError(f"{type(self).__name__} left the {self.norm} eps-ball: {dist:.6g} > {self.eps:.6g}")
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({fields})"
+
+
+class BackdoorAttack(abc.ABC):
+    """A backdoor trigger: ``apply(x)`` stamps it on [0, 1] images.
+
+    ``target`` is the attacker's label (all-to-one); ``all_to_all=True`` maps label ``y``
+    to ``(y + 1) % num_classes`` instead.
+    """
+
+    clean_label: bool = False
+
+    def __init__(self, target: int = 0, all_to_all: bool = False):
+        if not isinstance(target, int) or target < 0:
+            raise InputError(f"target must be a class index >= 0, got {target!r}")
+        self.target = target
+        self.all_to_all = bool(all_to_all)
+
+    @abc.abstractmethod
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """Return a copy of the batch ``x`` (N x C x H x W in [0, 1]) with the trigger."""
+
+    def target_labels(self, y: torch.Tensor, num_classes: int) -> torch.Tensor:
+        """The labels the backdoor should make the model predict for true labels ``y``."""
+        if self.all_to_all:
+            return (y + 1) % num_classes
+        return torch.full_like(y, self.target)
+
+
+@dataclass
+class RepairResult:
+    """What a :class:`ModelRepair` returns: the repaired model and per-epoch history."""
+
+    model: nn.Module
+    history: list[dict[str, float]] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class ModelRepair(abc.ABC):
+    """A defense that repairs a (possibly backdoored) model with a little clean data."""
+
+    @abc.abstractmethod
+    def repair(self, model: nn.Module, clean_data: Dataset, **kwargs: Any) -> RepairResult:
+        """Return a repaired copy of ``model``; the caller's model is left untouched."""
+
+
+@dataclass
+class FilterResult:
+    """Per-sample suspicion scores and the flagged (suspected poisoned) mask."""
+
+    scores: torch.Tensor
+    flagged: torch.Tensor
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.scores.dim() != 1 or self.flagged.shape != self.scores.shape:
+            raise InputError(
+                f"scores and flagged must be 1-D of equal length, got {tuple(self.scores.shape)} and {tuple(self.flagged.shape)}"
+            )
+        self.flagged = self.flagged.bool()
+
+    def kept_indices(self) -> list[int]:
+        return torch.nonzero(~self.flagged).flatten().tolist()
+
+    def clean_subset(self, dataset: Dataset) -> Subset:
+        """The samples of ``dataset`` that were not flagged."""
+        n = len(dataset)  # type: ignore[arg-type]
+        if n != self.flagged.numel():
+            raise InputError(f"dataset has {n} samples but the filter scored {self.flagged.numel()}")
+        return Subset(dataset, self.kept_indices())
+
+
+class DataFilter(abc.ABC):
+    """A defense that flags poisoned samples of a training set."""
+
+    @abc.abstractmethod
+    def fit(self, model: nn.Module, dataset: Dataset) -> FilterResult:
+        """Score every sample of ``dataset`` with the help of ``model``."""
+
+
+__all__: Sequence[str] = [
+    "Preprocessor",
+    "EvasionAttack",
+    "BackdoorAttack",
+    "ModelRepair",
+    "RepairResult",
+    "DataFilter",
+    "FilterResult",
+]

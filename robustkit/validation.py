@@ -1,0 +1,98 @@
+"""Input checks shared by preprocessors, attacks, models and evaluators.
+
+The one rule of the toolkit: images are float tensors ``N x C x H x W`` in ``[0, 1]``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .errors import InputError
+
+# Values a hair outside [0, 1] come from float round-off (e.g. a resize); anything
+# further out is a caller passing 0..255 data or normalized data.
+RANGE_TOLERANCE = 1e-5
+
+
+def check_images(
+    x: object,
+    name: str = "x",
+    *,
+    check_range: bool = True,
+    channels: int | None = None,
+) -> torch.Tensor:
+    """Check that ``x`` is a float ``N x C x H x W`` tensor with finite values in [0, 1].
+
+    Returns ``x`` unchanged so the call can be used inline. Raises :class:`InputError`
+    with a message that says what was wrong and what was expected.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise InputError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        hint = ""
+        if x.dim() == 3:
+            hint = " (a single image? add a batch dimension with x.unsqueeze(0))"
+        raise InputError(
+            f"{name} must have shape N x C x H x W, got {x.dim()} dims {tuple(x.shape)}{hint}"
+        )
+    if not x.is_floating_point():
+        raise InputError(
+            f"{name} must be a floating-point tensor with values in [0, 1], got dtype {x.dtype}"
+            " (convert uint8 images with x.float() / 255)"
+        )
+    if x.numel() == 0:
+        raise InputError(f"{name} is empty: shape {tuple(x.shape)}")
+    if channels is not None and x.shape[1] != channels:
+        raise InputError(f"{name} must have {channels} channels, got {x.shape[1]} (shape {tuple(x.shape)})")
+    if check_range:
+        with torch.no_grad():
+            lo, hi = torch.aminmax(x.detach())
+            lo_v, hi_v = float(lo), float(hi)
+        if math.isnan(lo_v) or math.isnan(hi_v) or not torch.isfinite(x.detach()).all():
+            raise InputError(f"{name} contains NaN or infinite values")
+        if lo_v < -RANGE_TOLERANCE or hi_v > 1 + RANGE_TOLERANCE:
+            raise InputError(
+                f"{name} must have values in [0, 1], got min {lo_v:.4g} max {hi_v:.4g}"
+                " (images are never normalized outside the model; divide 0..255 data by 255)"
+            )
+    return x
+
+
+def check_labels(y: object, n: int | None = None, name: str = "y", num_classes: int | None = None) -> torch.Tensor:
+    """Check that ``y`` is a 1-D integer tensor of ``n`` class indices."""
+    if not isinstance(y, torch.Tensor):
+        raise InputError(f"{name} must be a torch.Tensor, got {type(y).__name__}")
+    if y.dim() != 1:
+        raise InputError(f"{name} must be 1-D (one class index per image), got shape {tuple(y.shape)}")
+    if y.is_floating_point() or y.dtype == torch.bool or y.is_complex():
+        raise InputError(f"{name} must hold integer class indices, got dtype {y.dtype}")
+    if n is not None and y.shape[0] != n:
+        raise InputError(f"{name} has {y.shape[0]} labels but there are {n} images")
+    if y.numel() and int(y.min()) < 0:
+        raise InputError(f"{name} has negative class index {int(y.min())}")
+    if num_classes is not None and y.numel() and int(y.max()) >= num_classes:
+        raise InputError(f"{name} has class index {int(y.max())} but the model has {num_classes} classes")
+    return y
+
+
+def check_same_device(*tensors: torch.Tensor, names: tuple[str, ...] | None = None) -> None:
+    """Raise if the tensors do not all live on the same device."""
+    devices = [t.device for t in tensors]
+    if len(set(devices)) > 1:
+        labels = names or tuple(f"arg{i}" for i in range(len(tensors)))
+        desc = ", ".join(f"{n} on {d}" for n, d in zip(labels, devices))
+        raise InputError(f"tensors must be on one device, got {desc}")
+
+
+def check_positive(value: float, name: str, *, allow_zero: bool = False) -> float:
+    """Check a scalar hyper-parameter is a finite positive (or non-negative) number."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise InputError(f"{name} must be finite and {bound}, got {value!r}")
+    return v
