@@ -31,10 +31,17 @@ from .registry import (
     STEPS,
 )
 from .wrap import Defended, wrap
+from . import steps  # noqa: F401,E402  (registers pipeline steps)
+from .pipeline import load_config, run, validate_config  # noqa: E402
+from .training import train_classifier  # noqa: E402
 
 __all__ = [
     "__version__",
     "wrap",
+    "load_config",
+    "validate_config",
+    "run",
+    "train_classifier",
     "Defended",
     "Preprocessor",
     "EvasionAttack",

@@ -1,0 +1,59 @@
+"""Plots for reports (matplotlib, Agg backend, no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .report import save_figure  # noqa: E402
+
+
+def accuracy_bars(rows: list[dict[str, Any]], path: str | Path, title: str = "Clean and robust accuracy") -> Path:
+    """Grouped bars: one group per defense, one bar per condition (clean, each attack).
+
+    ``rows`` have keys ``defense``, ``attack`` and ``accuracy`` (``attack == "clean"``
+    for clean accuracy).
+    """
+    defenses = list(dict.fromkeys(r["defense"] for r in rows))
+    conditions = list(dict.fromkeys(r["attack"] for r in rows))
+    width = 0.8 / max(1, len(conditions))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(defenses) * max(1, len(conditions)) / 2), 4))
+    for j, cond in enumerate(conditions):
+        vals = []
+        for d in defenses:
+            match = [r["accuracy"] for r in rows if r["defense"] == d and r["attack"] == cond]
+            vals.append(100 * match[0] if match else 0.0)
+        xs = [i + (j - (len(conditions) - 1) / 2) * width for i in range(len(defenses))]
+        bars = ax.bar(xs, vals, width=width, label=cond)
+        for b, v in zip(bars, vals):
+            ax.text(b.get_x() + b.get_width() / 2, v + 1, f"{v:.0f}", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(defenses)))
+    ax.set_xticklabels(defenses)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 110)
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=min(4, len(conditions)))
+    ax.grid(axis="y", alpha=0.3)
+    return save_figure(fig, path)
+
+
+def training_curves(history: list[dict[str, Any]], path: str | Path, title: str = "Training") -> Path:
+    """Loss and accuracy per epoch."""
+    epochs = [h["epoch"] for h in history]
+    fig, ax1 = plt.subplots(figsize=(5, 3.2))
+    ax1.plot(epochs, [h["loss"] for h in history], "o-", color="tab:red", label="loss")
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("loss", color="tab:red")
+    ax2 = ax1.twinx()
+    ax2.plot(epochs, [100 * h["train_acc"] for h in history], "s-", color="tab:blue", label="train acc")
+    if "val_acc" in history[0]:
+        ax2.plot(epochs, [100 * h["val_acc"] for h in history], "^-", color="tab:green", label="test acc")
+    ax2.set_ylabel("accuracy (%)")
+    ax2.legend(fontsize=8, loc="center right")
+    ax1.set_title(title)
+    return save_figure(fig, path)

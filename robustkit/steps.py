@@ -1,0 +1,213 @@
+"""Pipeline steps: ``train``, ``evaluate``, ``save_model``, ``load_model``.
+
+Each step is a function ``step(ctx, /, **params)`` registered in ``STEPS``; its keyword
+parameters are what the YAML step accepts. An optional ``step.validate(params, path)``
+checks nested specs (attacks, preprocessors) before the run starts.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ConfigError
+from .eval.metrics import accuracy, robust_accuracy
+from .eval.plots import accuracy_bars, training_curves
+from .pipeline import Context
+from .registry import ATTACKS, PREPROCESSORS, STEPS
+from .training import train_classifier
+from .wrap import Defended, wrap
+
+
+def _preprocessor_stack(specs: list[Any] | None, path: str) -> list[torch.nn.Module]:
+    return [PREPROCESSORS.build(spec, f"{path}[{i}]") for i, spec in enumerate(specs or [])]
+
+
+# --------------------------------------------------------------------------- train
+@STEPS.register("train")
+def train(
+    ctx: Context,
+    /,
+    epochs: int = 10,
+    lr: float = 0.05,
+    batch_size: int = 64,
+    optimizer: str = "sgd",
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    schedule: str = "cosine",
+    label_smoothing: float = 0.0,
+    preprocessors: list | None = None,
+) -> None:
+    """Train the run's model on the training split (``preprocessors``: train-time defense)."""
+    model = ctx.require_model("train")
+    data = ctx.require_data("train")
+    pre = torch.nn.Sequential(*_preprocessor_stack(preprocessors, "train.preprocessors")).to(ctx.device)
+    history = train_classifier(
+        model, data.train, epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer,
+        momentum=momentum, weight_decay=weight_decay, schedule=schedule, label_smoothing=label_smoothing,
+        preprocess=pre if len(pre) else None, val_data=data.test, seed=ctx.seed, progress=ctx.progress,
+    )
+    last = history[-1]
+    ctx.report.add_table("Training", [{k: v for k, v in h.items()} for h in history])
+    ctx.report.metrics.update(train_accuracy=last["train_acc"], test_accuracy=last["val_acc"])
+    fig = training_curves(history, ctx.out_dir / "training.png", title=f"Training {ctx.config['model']['name']}")
+    ctx.report.figures.append(fig.name)
+    print(f"  trained {epochs} epochs in {sum(h['seconds'] for h in history):.1f} s: "
+          f"train acc {last['train_acc']:.3f}, test acc {last['val_acc']:.3f}")
+
+
+def _validate_train(params: dict[str, Any], path: str) -> None:
+    _preprocessor_stack(params.get("preprocessors"), f"{path}.preprocessors")
+
+
+train.validate = _validate_train  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------- evaluate
+def _eps_label(eps: float, norm: str) -> str:
+    if norm == "linf":
+        frac = Fraction(eps * 255).limit_denominator(8)
+        if abs(float(frac) - eps * 255) < 1e-6:
+            return f"{frac}/255"
+    return f"{eps:g}"
+
+
+def attack_label(attack: Any, spec: Any) -> str:
+    if isinstance(spec, dict) and spec.get("label"):
+        return str(spec["label"])
+    name = type(attack).__name__
+    parts = [f"{name}-{attack.norm.capitalize() if attack.norm == 'linf' else attack.norm.upper()}",
+             f"eps={_eps_label(attack.eps, attack.norm)}"]
+    if getattr(attack, "eot_samples", 1) > 1:
+        parts[0] = "EOT-" + parts[0]
+        parts.append(f"EOT={attack.eot_samples}")
+    return " ".join(parts)
+
+
+def _split_label(spec: Any) -> tuple[Any, str | None]:
+    if isinstance(spec, dict) and "label" in spec:
+        spec = dict(spec)
+        return spec, str(spec.pop("label"))
+    return spec, None
+
+
+def _defense_list(defenses: list | None, path: str) -> list[tuple[str, list[Any]]]:
+    if defenses is None:
+        return [("undefended", [])]
+    if not isinstance(defenses, list) or not defenses:
+        raise ConfigError("must be a non-empty list of {label: ..., preprocessors: [...]}", path)
+    out = []
+    for i, d in enumerate(defenses):
+        p = f"{path}[{i}]"
+        if not isinstance(d, dict):
+            raise ConfigError("each defense must be a mapping {label: ..., preprocessors: [...]}", p)
+        unknown = set(d) - {"label", "preprocessors"}
+        if unknown:
+            raise ConfigError(f"unknown key(s) {sorted(unknown)}; a defense has 'label' and 'preprocessors'", p)
+        pre = d.get("preprocessors") or []
+        if not isinstance(pre, list):
+            raise ConfigError("must be a list of preprocessor specs", f"{p}.preprocessors")
+        label = d.get("label") or ("+".join(PREPROCESSORS.split_spec(s, p)[0] for s in pre) or "undefended")
+        out.append((str(label), pre))
+    return out
+
+
+@STEPS.register("evaluate")
+def evaluate(
+    ctx: Context,
+    /,
+    attacks: list | None = None,
+    defenses: list | None = None,
+    n_samples: int | None = None,
+    batch_size: int = 256,
+) -> None:
+    """Clean and robust accuracy of the model behind each defense under each attack.
+
+    ``defenses``: list of ``{label, preprocessors: [spec, ...]}`` (default: undefended only).
+    ``attacks``: list of attack specs (``{name: pgd, eps: 8/255, ..., label: optional}``).
+    ``n_samples``: evaluate on the first n test images (default: all).
+    """
+    model = ctx.require_model("evaluate")
+    data = ctx.require_data("evaluate")
+    from .data import to_tensors
+
+    x, y = to_tensors(data.test, max_samples=n_samples)
+    rows: list[dict[str, Any]] = []
+    plot_rows: list[dict[str, Any]] = []
+    for label, pre_specs in _defense_list(defenses, "evaluate.defenses"):
+        pre = [p.to(ctx.device) for p in _preprocessor_stack(pre_specs, f"evaluate.defenses[{label}]")]
+        for p in pre:
+            if hasattr(p, "reseed") and getattr(p, "_seed", None) is None:
+                p.reseed(ctx.seed)
+        defended: Defended = wrap(model, *pre)
+        clean = accuracy(defended, (x, y), batch_size=batch_size)
+        print(f"  {label}: clean accuracy {clean:.3f} on {x.shape[0]} test images")
+        rows.append({"defense": label, "attack": "clean", "norm": "-", "eps": 0.0, "accuracy": clean,
+                     "adaptive": "-", "seconds": 0.0})
+        plot_rows.append({"defense": label, "attack": "clean", "accuracy": clean})
+        ctx.report.metrics[f"{label}/clean_accuracy"] = clean
+        for i, spec in enumerate(attacks or []):
+            spec, custom = _split_label(spec)
+            attack = ATTACKS.build(spec, f"evaluate.attacks[{i}]")
+            name = custom or attack_label(attack, spec)
+            res = robust_accuracy(defended, attack, x, y, batch_size=batch_size, progress=ctx.progress,
+                                  desc=f"{label} / {name}")
+            adaptive = (not defended.randomized) or getattr(attack, "eot_samples", 1) > 1
+            rows.append({"defense": label, "attack": name, "norm": attack.norm, "eps": attack.eps,
+                         "accuracy": res.robust_accuracy, "adaptive": adaptive, "seconds": res.seconds})
+            plot_rows.append({"defense": label, "attack": name, "accuracy": res.robust_accuracy})
+            ctx.report.metrics[f"{label}/{name}/robust_accuracy"] = res.robust_accuracy
+            print(f"  {label} / {name}: robust accuracy {res.robust_accuracy:.3f} ({res.seconds:.1f} s)")
+            if not adaptive:
+                ctx.report.notes.append(
+                    f"'{label}' is randomized but '{name}' averages no gradients over its randomness (no EOT): "
+                    "its robust accuracy is an upper bound, not evidence of robustness."
+                )
+    ctx.report.add_table(
+        "Clean and robust accuracy", rows,
+        note=f"{x.shape[0]} test images. Robust = correct on the clean and on the attacked image. "
+             "adaptive = the attack differentiates through the defense and, for randomized defenses, uses EOT.",
+    )
+    fig = accuracy_bars(plot_rows, ctx.out_dir / "accuracy.png")
+    ctx.report.figures.append(fig.name)
+
+
+def _validate_evaluate(params: dict[str, Any], path: str) -> None:
+    for label, pre in _defense_list(params.get("defenses"), f"{path}.defenses"):
+        _preprocessor_stack(pre, f"{path}.defenses[{label}].preprocessors")
+    attacks = params.get("attacks") or []
+    if not isinstance(attacks, list):
+        raise ConfigError("must be a list of attack specs", f"{path}.attacks")
+    for i, spec in enumerate(attacks):
+        spec, _ = _split_label(spec)
+        ATTACKS.build(spec, f"{path}.attacks[{i}]")
+
+
+evaluate.validate = _validate_evaluate  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------- checkpoints
+@STEPS.register("save_model")
+def save_model(ctx: Context, /, path: str = "model.pt") -> None:
+    """Save the run's model (relative paths are inside the output folder), atomically."""
+    from .models.loaders import save_checkpoint
+
+    model = ctx.require_model("save_model")
+    target = Path(path) if Path(path).is_absolute() else ctx.out_dir / path
+    spec = dict(ctx.config.get("model", {}))
+    name = spec.pop("name", None)
+    save_checkpoint(model, target, name=name, kwargs=getattr(model, "config", None) or spec)
+    ctx.artifacts["model_path"] = str(target)
+    print(f"  saved model to {target}")
+
+
+@STEPS.register("load_model")
+def load_model(ctx: Context, /, path: str) -> None:
+    """Replace the run's model by a robustkit checkpoint."""
+    from .models.loaders import load_checkpoint
+
+    ctx.model = load_checkpoint(path, map_location=ctx.device).to(ctx.device)
+    print(f"  loaded model from {path}")
