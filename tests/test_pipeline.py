@@ -1,0 +1,159 @@
+import json
+
+import pytest
+import yaml
+
+import robustkit
+from robustkit.cli import demo_config_path, main
+from robustkit.errors import ConfigError, DataNotFoundError, UnknownNameError
+from robustkit.pipeline import apply_overrides, load_config, validate_config
+
+
+def tiny_config(tmp_path, **extra):
+    cfg = {
+        "name": "tiny",
+        "seed": 0,
+        "device": "cpu",
+        "output_dir": str(tmp_path / "out"),
+        "data": {"name": "digits", "size": 16},
+        "model": {"name": "small_cnn", "width": 8},
+        "steps": [
+            {"train": {"epochs": 2, "lr": 0.05}},
+            {"evaluate": {
+                "n_samples": 64,
+                "defenses": [{"label": "undefended"}, {"label": "noise", "preprocessors": [{"name": "gaussian_noise", "sigma": 0.05}]}],
+                "attacks": [{"name": "pgd", "eps": "32/255", "steps": 3}, {"name": "pgd", "eps": "32/255", "steps": 3, "eot_samples": 2}],
+            }},
+            {"save_model": {"path": "m.pt"}},
+        ],
+    }
+    cfg.update(extra)
+    return cfg
+
+
+def test_demo_config_is_valid():
+    cfg = load_config(demo_config_path())
+    assert cfg["data"]["name"] == "digits"
+    assert [next(iter(s)) for s in cfg["steps"]][:2] == ["train", "evaluate"]
+
+
+@pytest.mark.parametrize(
+    "mutate,path,reason",
+    [
+        (lambda c: c.update(bogus=1), "bogus", "unknown top-level key"),
+        (lambda c: c.update(stpes=[]), "stpes", "Did you mean 'steps'"),
+        (lambda c: c.update(seed="x"), "seed", "expected an integer"),
+        (lambda c: c["data"].update(name="mnist"), "data", "unknown dataset 'mnist'"),
+        (lambda c: c["data"].update(size="big"), "data.size", "expected int"),
+        (lambda c: c["model"].update(widht=3), "model.widht", "unknown parameter.*Did you mean 'width'"),
+        (lambda c: c["steps"][0]["train"].update(epochs="ten"), "steps[0].train.epochs", "expected int"),
+        (lambda c: c["steps"].append({"trian": {}}), "steps[3]", "unknown pipeline step 'trian'.*Did you mean 'train'"),
+        (lambda c: c["steps"].append(["x"]), "steps[3]", "one-key mapping"),
+        (lambda c: c["steps"][1]["evaluate"]["attacks"][0].update(eps="lots"), "steps[1].evaluate.attacks[0].eps", "expected float"),
+        (lambda c: c["steps"][1]["evaluate"]["attacks"][0].update(name="fgsmm"), "steps[1].evaluate.attacks[0]", "unknown attack"),
+        (lambda c: c["steps"][1]["evaluate"]["attacks"][0].update(norm="l7"), "steps[1].evaluate.attacks[0]", "norm must be"),
+        (lambda c: c["steps"][1]["evaluate"]["defenses"][1]["preprocessors"][0].update(sigma=-1), "steps[1].evaluate.defenses", "sigma"),
+        (lambda c: c["steps"][1]["evaluate"]["defenses"][0].update(extra=1), "steps[1].evaluate.defenses[0]", "unknown key"),
+    ],
+)
+def test_validation_names_bad_key(tmp_path, mutate, path, reason):
+    cfg = tiny_config(tmp_path)
+    mutate(cfg)
+    with pytest.raises(ConfigError, match=reason) as info:
+        validate_config(cfg)
+    assert str(info.value).startswith(path), str(info.value)
+
+
+def test_unknown_names_are_unknown_name_errors(tmp_path):
+    cfg = tiny_config(tmp_path)
+    cfg["model"]["name"] = "resnet9000"
+    with pytest.raises(UnknownNameError, match="Known models:.*small_cnn"):
+        validate_config(cfg)
+
+
+def test_overrides():
+    cfg = {"steps": [{"train": {"epochs": 5}}], "data": {"name": "digits"}}
+    out = apply_overrides(cfg, ["steps.0.train.epochs=2", "data.size=16", "seed=3"])
+    assert out["steps"][0]["train"]["epochs"] == 2 and out["data"]["size"] == 16 and out["seed"] == 3
+    assert cfg["steps"][0]["train"]["epochs"] == 5  # copy, not mutated
+    with pytest.raises(ConfigError, match="no list index"):
+        apply_overrides(cfg, ["steps.4.train.epochs=2"])
+    with pytest.raises(ConfigError, match="key.path=value"):
+        apply_overrides(cfg, ["seed"])
+
+
+def test_missing_and_broken_config_files(tmp_path):
+    with pytest.raises(DataNotFoundError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps: [train\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("3\n")
+    with pytest.raises(ConfigError, match="mapping at the top level"):
+        load_config(scalar)
+
+
+@pytest.mark.slow
+def test_run_end_to_end_writes_report(tmp_path):
+    report = robustkit.run(tiny_config(tmp_path), progress=False, log=None)
+    out = tmp_path / "out"
+    for name in ("report.json", "report.md", "accuracy.png", "training.png", "m.pt"):
+        assert (out / name).is_file(), name
+    data = json.loads((out / "report.json").read_text())
+    rows = next(t for t in data["tables"] if t["title"] == "Clean and robust accuracy")["rows"]
+    by = {(r["defense"], r["attack"]): r for r in rows}
+    clean = by[("undefended", "clean")]["accuracy"]
+    pgd = by[("undefended", "PGD-Linf eps=32/255")]["accuracy"]
+    assert clean > 0.5 and pgd < clean
+    # the randomized defense attacked without EOT is flagged, with EOT it is adaptive
+    assert by[("noise", "PGD-Linf eps=32/255")]["adaptive"] is False
+    assert by[("noise", "EOT-PGD-Linf eps=32/255 EOT=2")]["adaptive"] is True
+    assert any("no EOT" in n for n in report.notes)
+    assert "| defense |" in (out / "report.md").read_text()
+    # the checkpoint reloads into the same model: it reproduces the reported clean accuracy
+    from robustkit.data import digits, to_tensors
+    from robustkit.eval import accuracy
+    from robustkit.models.loaders import load_checkpoint
+
+    x, y = to_tensors(digits(size=16).test, max_samples=64)
+    assert accuracy(load_checkpoint(out / "m.pt"), (x, y)) == pytest.approx(clean)
+
+
+def test_cli_help_and_list(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "demo" in out and "run" in out and "list" in out
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    assert "digits" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    assert "--set" in capsys.readouterr().out
+    assert main(["list", "attacks"]) == 0
+    assert "pgd(eps=" in capsys.readouterr().out
+    assert main(["list", "nonsense"]) == 2
+
+
+def test_cli_run_reports_bad_config(tmp_path, capsys):
+    cfg = tiny_config(tmp_path)
+    cfg["steps"][0]["train"]["epochz"] = 3
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "steps[0].train.epochz: unknown parameter" in err and "Did you mean 'epochs'" in err
+    assert main(["run", str(tmp_path / "missing.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+
+
+def test_cli_dry_run(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(tmp_path)))
+    assert main(["run", str(path), "--dry-run", "--set", "steps.0.train.epochs=1"]) == 0
+    out = capsys.readouterr().out
+    assert "is valid" in out and "epochs: 1" in out
+    assert not (tmp_path / "out").exists()
