@@ -106,7 +106,7 @@ def train_classifier(
             opt.step()
             sched.step()
             n = y.numel()
-            loss_sum += float(loss) * n
+            loss_sum += float(loss.detach()) * n
             correct += float((logits.argmax(1) == y).sum())
             seen += n
             bar.update(1)
