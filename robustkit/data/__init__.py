@@ -1,7 +1,10 @@
 """Data sets: built-in digits, CIFAR-10 from disk, ImageFolder and .npz arrays."""
 
 from .arrays import ArrayDataset, DataBundle, bundle_from_arrays, stratified_split, to_tensors
+from .cifar10 import cifar10
 from .digits import digits, load_digit_images
+from .folder import image_folder
+from .npz import images_to_tensor, load_npz, npz, save_npz
 
 __all__ = [
     "ArrayDataset",
@@ -10,5 +13,11 @@ __all__ = [
     "stratified_split",
     "to_tensors",
     "digits",
+    "cifar10",
+    "image_folder",
+    "npz",
+    "load_npz",
+    "save_npz",
+    "images_to_tensor",
     "load_digit_images",
 ]
