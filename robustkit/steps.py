@@ -7,6 +7,7 @@ checks nested specs (attacks, preprocessors) before the run starts.
 
 from __future__ import annotations
 
+import copy
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -145,7 +146,7 @@ def evaluate(
         defended: Defended = wrap(model, *pre)
         clean = accuracy(defended, (x, y), batch_size=batch_size)
         print(f"  {label}: clean accuracy {clean:.3f} on {x.shape[0]} test images")
-        rows.append({"defense": label, "attack": "clean", "norm": "-", "eps": 0.0, "accuracy": clean,
+        rows.append({"defense": label, "attack": "clean", "norm": "-", "eps": "-", "accuracy": clean,
                      "adaptive": "-", "seconds": 0.0})
         plot_rows.append({"defense": label, "attack": "clean", "accuracy": clean})
         ctx.report.metrics[f"{label}/clean_accuracy"] = clean
@@ -153,6 +154,10 @@ def evaluate(
             spec, custom = _split_label(spec)
             attack = ATTACKS.build(spec, f"evaluate.attacks[{i}]")
             name = custom or attack_label(attack, spec)
+            if not defended.randomized and getattr(attack, "eot_samples", 1) > 1:
+                # a deterministic model gives the same gradient on every EOT pass: one is enough
+                attack = copy.copy(attack)
+                attack.eot_samples = 1
             res = robust_accuracy(defended, attack, x, y, batch_size=batch_size, progress=ctx.progress,
                                   desc=f"{label} / {name}")
             adaptive = (not defended.randomized) or getattr(attack, "eot_samples", 1) > 1

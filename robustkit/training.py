@@ -85,7 +85,7 @@ def train_classifier(
     steps_per_epoch = len(loader)
     sched = make_scheduler(opt, schedule, epochs * steps_per_epoch, int(warmup_epochs * steps_per_epoch))
     history: list[dict[str, Any]] = []
-    bar = tqdm(total=epochs * steps_per_epoch, desc=desc, disable=not progress, unit="batch", leave=False)
+    bar = tqdm(total=epochs * steps_per_epoch, desc=desc, disable=None if progress else True, unit="batch", leave=False)
     for epoch in range(1, epochs + 1):
         model.train()
         if preprocess is not None:

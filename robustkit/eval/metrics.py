@@ -85,8 +85,9 @@ def robust_accuracy(
     check_labels(y, x.shape[0])
     device = model_device(model)
     clean_ok, robust_ok, advs = [], [], []
+    n_done = n_robust = 0
     t0 = time.perf_counter()
-    bar = tqdm(total=x.shape[0], desc=desc, disable=not progress, unit="img", leave=False)
+    bar = tqdm(total=x.shape[0], desc=desc, disable=None if progress else True, unit="img", leave=False)
     for s in batches(x.shape[0], batch_size):
         xb, yb = x[s].to(device), y[s].to(device)
         with torch.no_grad():
@@ -98,9 +99,10 @@ def robust_accuracy(
         robust_ok.append(r.cpu())
         if keep_adversarials:
             advs.append(x_adv.cpu())
+        n_done += int(r.numel())
+        n_robust += int(r.sum())
         bar.update(xb.shape[0])
-        done_n = sum(t.numel() for t in robust_ok)
-        bar.set_postfix(robust=f"{float(torch.cat(robust_ok).sum()) / done_n:.3f}")
+        bar.set_postfix(robust=f"{n_robust / n_done:.3f}")
     bar.close()
     clean_correct, robust_correct = torch.cat(clean_ok), torch.cat(robust_ok)
     return AttackResult(
