@@ -178,8 +178,10 @@ TRITON_SCRIPT = textwrap.dedent(
             a = bilateral_filter(x, 5, sc, 1.3, distance, window, backend="triton")
             b = bilateral_filter(x, 5, sc, 1.3, distance, window, backend="torch")
             assert torch.allclose(a, b, atol=1e-5), (distance, window, float((a - b).abs().max()))
-            xd = torch.rand(1, 2, 4, 5, dtype=torch.float64, requires_grad=True)
-            assert torch.autograd.gradcheck(lambda t: bilateral_filter(t, 3, 0.3, 1.0, distance, window, backend="triton"), (xd,))
+            if (distance, window) in (("l1", "circle"), ("l2", "square")):
+                xd = torch.rand(1, 2, 4, 5, dtype=torch.float64, requires_grad=True)
+                f = lambda t: bilateral_filter(t, 3, 0.3, 1.0, distance, window, backend="triton")
+                assert torch.autograd.gradcheck(f, (xd,))
     print("TRITON-INTERPRET-OK")
     """
 )

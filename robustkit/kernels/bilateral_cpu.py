@@ -32,19 +32,30 @@ def window_offsets(kernel_size: int, window: str) -> list[tuple[int, int]]:
     return taps
 
 
-def _colour_term(diff: torch.Tensor, distance: str) -> torch.Tensor:
-    """dist^2 / 2 over channels for a tap, shape N x 1 x H x W."""
+LOG2E = 1.4426950408889634
+
+
+def _tap_weight_into(diff: torch.Tensor, distance: str, neg_a: torch.Tensor | float, neg_s: torch.Tensor | float,
+                     dist: torch.Tensor, wgt: torch.Tensor) -> torch.Tensor:
+    """w = 2^(neg_s + neg_a * dist^2), written into ``wgt`` (N x 1 x H x W).
+
+    ``neg_a = -log2(e) / (2 s_c^2)`` and ``neg_s = -log2(e) |offset|^2 / (2 s_s^2)``: exp2 is
+    several times faster than exp on CPU and gives the same weights to float rounding.
+    ``dist`` receives the colour distance (L1) or its square (L2) and is reused by the backward.
+    """
     if distance == "l1":
-        d = diff.abs().sum(1, keepdim=True)
-        return d.mul_(d).mul_(0.5)
-    return diff.pow(2).sum(1, keepdim=True).mul_(0.5)
-
-
-def _tap_weight(diff: torch.Tensor, distance: str, inv_sc2: torch.Tensor | float, log_ws: torch.Tensor | float) -> torch.Tensor:
-    """w = exp(log spatial weight - dist^2 / (2 s_c^2)), shape N x 1 x H x W."""
-    e = _colour_term(diff, distance)
-    e = e.mul_(-inv_sc2) if isinstance(inv_sc2, float) else e.mul_(inv_sc2.neg())
-    return e.add_(log_ws).exp_()
+        absd = diff.abs()
+        torch.sum(absd, 1, keepdim=True, out=dist) if diff.shape[1] > 1 else dist.copy_(absd)
+        sq = dist * dist
+    else:
+        torch.sum(diff * diff, 1, keepdim=True, out=dist) if diff.shape[1] > 1 else torch.mul(diff, diff, out=dist)
+        sq = dist
+    if isinstance(neg_s, torch.Tensor):
+        torch.addcmul(neg_s, sq, neg_a if isinstance(neg_a, torch.Tensor) else torch.tensor(neg_a, dtype=sq.dtype), out=wgt)
+    else:
+        torch.mul(sq, neg_a, out=wgt)
+        wgt.add_(neg_s)
+    return wgt.exp2_()
 
 
 def _pad(x: torch.Tensor, r: int) -> torch.Tensor:
@@ -104,10 +115,12 @@ def bilateral_forward_torch(x, kernel_size, sigma_color, sigma_space, distance, 
     h, w = x.shape[-2:]
     num = torch.zeros_like(x)
     den = torch.zeros(x.shape[0], 1, h, w, dtype=x.dtype, device=x.device)
+    diff, dist, wgt = torch.empty_like(x), torch.empty_like(den), torch.empty_like(den)
+    neg_a = -0.5 * LOG2E * inv_sc2
     for dy, dx in window_offsets(kernel_size, window):
         nb = xp[:, :, r + dy : r + dy + h, r + dx : r + dx + w]
-        log_ws = -(dy * dy + dx * dx) * inv_2ss2
-        wgt = _tap_weight(nb - x, distance, inv_sc2, log_ws)
+        torch.sub(nb, x, out=diff)
+        _tap_weight_into(diff, distance, neg_a, -LOG2E * (dy * dy + dx * dx) * inv_2ss2, dist, wgt)
         num.addcmul_(wgt, nb)
         den.add_(wgt)
     inv_den = den.reciprocal_()
@@ -124,19 +137,23 @@ def bilateral_backward_torch(grad_out, x, out, inv_den, kernel_size, sigma_color
     b = (G * out).sum(1, keepdim=True)  # sum_c G_p out_p
     grad_centre = torch.zeros_like(x)
     grad_pad = torch.zeros_like(xp)
+    diff, prod, coef = torch.empty_like(x), torch.empty_like(x), torch.empty_like(x)
+    dist, wgt, S = (torch.empty_like(b) for _ in range(3))
+    neg_a = -0.5 * LOG2E * inv_sc2
     for dy, dx in window_offsets(kernel_size, window):
         nb = xp[:, :, r + dy : r + dy + h, r + dx : r + dx + w]
-        diff = nb - x
-        log_ws = -(dy * dy + dx * dx) * inv_2ss2
-        wgt = _tap_weight(diff, distance, inv_sc2, log_ws)
+        torch.sub(nb, x, out=diff)
+        _tap_weight_into(diff, distance, neg_a, -LOG2E * (dy * dy + dx * dx) * inv_2ss2, dist, wgt)
         # S_pq = sum_c G_p (x_q - out_p) = d(loss)/d(w_pq)
-        S = (G * nb).sum(1, keepdim=True).sub_(b)
+        torch.mul(G, nb, out=prod)
+        torch.sum(prod, 1, keepdim=True, out=S) if x.shape[1] > 1 else S.copy_(prod)
+        S.sub_(b).mul_(wgt).mul_(inv_sc2)
         # d w_pq / d x_q = -w_pq * coef, d w_pq / d x_p = +w_pq * coef
         if distance == "l1":
-            coef = diff.sign().mul_(diff.abs().sum(1, keepdim=True))
+            torch.sign(diff, out=coef).mul_(dist)
         else:
-            coef = diff
-        coef = coef.mul_(inv_sc2).mul_(S * wgt)
+            coef.copy_(diff)
+        coef.mul_(S)
         grad_centre.add_(coef)
         gslice = grad_pad[:, :, r + dy : r + dy + h, r + dx : r + dx + w]
         gslice.addcmul_(wgt, G).sub_(coef)
