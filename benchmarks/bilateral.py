@@ -126,6 +126,11 @@ def worker(method: str, shape, k: int, mode: str, device: str, repeats: int, bud
 
 # ---------------------------------------------------------------------------- driver
 def run_case(method, shape, k, mode, device, repeats, budget_s) -> dict:
+    if device == "cuda":  # CUDA peak memory is per-allocation: measure in-process
+        try:
+            return worker(method, tuple(shape), k, mode, device, repeats, budget_s)
+        except Exception as exc:  # report, keep going
+            return {"error": [f"{type(exc).__name__}: {exc}"[:300]]}
     cmd = [sys.executable, __file__, "--worker", json.dumps([method, list(shape), k, mode, device, repeats, budget_s])]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
@@ -166,7 +171,8 @@ def main(argv=None) -> int:
                     if device == "cpu" and args.quick and m == "kornia" and name == "imagenet" and mode == "fwd+bwd":
                         results[m] = {"skipped": "--quick (about 7 s and 3 GiB)"}
                         continue
-                    results[m] = run_case(m, shape, k, mode, device, repeats, budget)
+                    reps = repeats * 5 if device == "cuda" else repeats
+                    results[m] = run_case(m, shape, k, mode, device, reps, budget)
                 ours = results["robustkit"]
                 for m, r in results.items():
                     row = {"device": device, "case": name, "shape": "x".join(map(str, shape)), "k": k, "mode": mode, "method": m, **r}

@@ -60,7 +60,7 @@ def _tap_weight_into(diff: torch.Tensor, distance: str, neg_a: torch.Tensor | fl
         a, b = dist, None
     scalar = not isinstance(neg_a, torch.Tensor) and not isinstance(neg_s, torch.Tensor)
     if scalar:
-        base = torch.tensor(neg_s, dtype=wgt.dtype)
+        base = torch.tensor(neg_s, dtype=wgt.dtype, device=wgt.device)
         if b is None:
             torch.add(base, a, alpha=neg_a, out=wgt)
         else:

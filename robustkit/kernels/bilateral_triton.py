@@ -62,8 +62,8 @@ def _bilateral_fwd_kernel(
     den = tl.zeros((BLOCK,), dtype=acc_t)
     for iy in tl.static_range(2 * R + 1):
         for ix in tl.static_range(2 * R + 1):
-            dy: tl.constexpr = iy - R
-            dx: tl.constexpr = ix - R
+            dy = iy - R
+            dx = ix - R
             if (not CIRCLE) or (dy * dy + dx * dx <= R * R):
                 yy = _reflect(h + dy, H)
                 xx = _reflect(w + dx, W)
@@ -109,8 +109,8 @@ def _bilateral_bwd_centre_kernel(
     acc = tl.zeros((BLOCK, CP), dtype=acc_t)
     for iy in tl.static_range(2 * R + 1):
         for ix in tl.static_range(2 * R + 1):
-            dy: tl.constexpr = iy - R
-            dx: tl.constexpr = ix - R
+            dy = iy - R
+            dx = ix - R
             if (not CIRCLE) or (dy * dy + dx * dx <= R * R):
                 yy = _reflect(h + dy, H)
                 xx = _reflect(w + dx, W)
@@ -159,8 +159,8 @@ def _bilateral_bwd_neighbour_kernel(
     acc = tl.zeros((BLOCK, CP), dtype=acc_t)
     for iy in tl.static_range(2 * R + 1):
         for ix in tl.static_range(2 * R + 1):
-            dy: tl.constexpr = iy - R
-            dx: tl.constexpr = ix - R
+            dy = iy - R
+            dx = ix - R
             if (not CIRCLE) or (dy * dy + dx * dx <= R * R):
                 cy = py - dy  # the centre p whose tap (dy, dx) lands on P
                 cx = px - dx
