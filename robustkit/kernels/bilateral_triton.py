@@ -26,7 +26,11 @@ import triton.language as tl
 
 from .bilateral_cpu import _unpad_grad
 
-BLOCK = 128
+# Measured on an H100 (benchmarks/bilateral.py, docs/bilateral.md): 512 pixels and 8 warps per
+# program is the fastest of BLOCK in {64..512} x warps in {2, 4, 8} for every benchmark shape;
+# configurations with one pixel per thread (e.g. 128 x 4 warps) ran up to 12x slower.
+BLOCK = 512
+NUM_WARPS = 8
 
 
 @triton.jit
@@ -188,7 +192,7 @@ def _bilateral_bwd_neighbour_kernel(
 
 def _launch_cfg(x: torch.Tensor) -> dict:
     c = x.shape[1]
-    return {"C": c, "CP": triton.next_power_of_2(c), "F64": x.dtype == torch.float64, "BLOCK": BLOCK}
+    return {"C": c, "CP": triton.next_power_of_2(c), "F64": x.dtype == torch.float64, "BLOCK": BLOCK, "num_warps": NUM_WARPS}
 
 
 @torch.library.custom_op("robustkit::bilateral_fwd", mutates_args=())
@@ -254,14 +258,23 @@ def _backward(ctx, grad_out, grad_inv_den):
 bilateral_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+_SCALAR_CACHE: dict[tuple, torch.Tensor] = {}
+
+
 def _per_sample(v, n: int, x: torch.Tensor, power: float, scale: float) -> torch.Tensor:
+    """``scale * v ** power`` as a length-n tensor on x's device (cached for scalar v: no launches)."""
     dt = torch.float64 if x.dtype == torch.float64 else torch.float32
     if isinstance(v, torch.Tensor):
         t = v.to(device=x.device, dtype=dt).reshape(-1)
         t = t.expand(n) if t.numel() == 1 else t
-    else:
-        t = torch.full((n,), float(v), device=x.device, dtype=dt)
-    return (t.pow(power) * scale).contiguous()
+        return (t.pow(power) * scale).contiguous()
+    key = (x.device, dt, n, float(v), power, scale)
+    t = _SCALAR_CACHE.get(key)
+    if t is None:
+        if len(_SCALAR_CACHE) > 256:
+            _SCALAR_CACHE.clear()
+        t = _SCALAR_CACHE[key] = torch.full((n,), scale * float(v) ** power, device=x.device, dtype=dt)
+    return t
 
 
 def bilateral_filter_triton(x, kernel_size, sigma_color, sigma_space, distance="l1", window="circle"):
