@@ -17,6 +17,7 @@ Backward: see :func:`bilateral_backward_reference` and ``docs/bilateral.md``.
 from __future__ import annotations
 
 import math
+import threading
 from typing import Sequence
 
 import torch
@@ -46,7 +47,7 @@ def _tap_weight_into(diff: torch.Tensor, distance: str, neg_a: torch.Tensor | fl
     """
     single = diff.shape[1] == 1
     if distance == "l1":
-        absd = diff.abs() if keep_diff else diff.abs_()
+        absd = torch.abs(diff, out=_buffer("absd", diff.shape, diff)) if keep_diff else diff.abs_()
         if single:
             dist.copy_(absd)
         else:
@@ -136,25 +137,49 @@ def _slice_sigma(sigma, s: slice):
     return sigma[s] if isinstance(sigma, torch.Tensor) and sigma.dim() > 0 and sigma.numel() > 1 else sigma
 
 
+_WORKSPACE = threading.local()
+
+
+def _buffer(name: str, shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+    """A scratch tensor reused across calls (per thread), so the tap loop allocates nothing.
+
+    Large CPU allocations are returned to the OS on free and page-faulted back on the next
+    call; reusing them made the forward up to 1.5x faster in fresh processes.
+    """
+    cache = getattr(_WORKSPACE, "buffers", None)
+    if cache is None:
+        cache = _WORKSPACE.buffers = {}
+    key = (name, tuple(shape), like.dtype, like.device)
+    buf = cache.get(key)
+    if buf is None:
+        if len(cache) > 32:
+            cache.clear()
+        buf = cache[key] = torch.empty(tuple(shape), dtype=like.dtype, device=like.device)
+    return buf
+
+
 def bilateral_forward_torch(x, kernel_size, sigma_color, sigma_space, distance, window):
     """Returns ``(out, inv_den)``; no autograd graph through the taps."""
+    out = torch.empty_like(x)
+    inv_den = torch.empty(x.shape[0], 1, *x.shape[2:], dtype=x.dtype, device=x.device)
     if x.shape[0] > 1 and x.numel() > CHUNK_ELEMENTS:
-        out = torch.empty_like(x)
-        inv_den = torch.empty(x.shape[0], 1, *x.shape[2:], dtype=x.dtype, device=x.device)
         for s in _chunks(x):
-            out[s], inv_den[s] = _forward(x[s], kernel_size, _slice_sigma(sigma_color, s), _slice_sigma(sigma_space, s), distance, window)
-        return out, inv_den
-    return _forward(x, kernel_size, sigma_color, sigma_space, distance, window)
+            _forward(x[s], kernel_size, _slice_sigma(sigma_color, s), _slice_sigma(sigma_space, s), distance, window, out[s], inv_den[s])
+    else:
+        _forward(x, kernel_size, sigma_color, sigma_space, distance, window, out, inv_den)
+    return out, inv_den
 
 
-def _forward(x, kernel_size, sigma_color, sigma_space, distance, window):
+def _forward(x, kernel_size, sigma_color, sigma_space, distance, window, num, den):
+    """Accumulate into ``num`` (becomes out) and ``den`` (becomes 1/D), both views to fill."""
     r = kernel_size // 2
     inv_sc2, inv_2ss2 = _params(x, sigma_color, sigma_space)
     xp = _pad(x, r)
     h, w = x.shape[-2:]
-    num = torch.zeros_like(x)
-    den = torch.zeros(x.shape[0], 1, h, w, dtype=x.dtype, device=x.device)
-    diff, dist, wgt = torch.empty_like(x), torch.empty_like(den), torch.empty_like(den)
+    num.zero_()
+    den.zero_()
+    diff = _buffer("diff", x.shape, x)
+    dist, wgt = _buffer("dist", den.shape, x), _buffer("wgt", den.shape, x)
     neg_a = -0.5 * LOG2E * inv_sc2
     for dy, dx in window_offsets(kernel_size, window):
         nb = xp[:, :, r + dy : r + dy + h, r + dx : r + dx + w]
@@ -162,8 +187,8 @@ def _forward(x, kernel_size, sigma_color, sigma_space, distance, window):
         _tap_weight_into(diff, distance, neg_a, -LOG2E * (dy * dy + dx * dx) * inv_2ss2, dist, wgt, keep_diff=False)
         num.addcmul_(wgt, nb)
         den.add_(wgt)
-    inv_den = den.reciprocal_()
-    return num.mul_(inv_den), inv_den
+    den.reciprocal_()
+    num.mul_(den)
 
 
 def bilateral_backward_torch(grad_out, x, out, inv_den, kernel_size, sigma_color, sigma_space, distance, window):
@@ -185,9 +210,9 @@ def _backward(grad_out, x, out, inv_den, kernel_size, sigma_color, sigma_space, 
     G = grad_out * inv_den  # g_p / D_p
     b = (G * out).sum(1, keepdim=True)  # sum_c G_p out_p
     grad_centre = torch.zeros_like(x)
-    grad_pad = torch.zeros_like(xp)
-    diff, prod, coef = torch.empty_like(x), torch.empty_like(x), torch.empty_like(x)
-    dist, wgt, S = (torch.empty_like(b) for _ in range(3))
+    grad_pad = _buffer("grad_pad", xp.shape, x).zero_()
+    diff, prod, coef = (_buffer(n, x.shape, x) for n in ("diff", "prod", "coef"))
+    dist, wgt, S = (_buffer(n, b.shape, x) for n in ("dist", "wgt", "S"))
     neg_a = -0.5 * LOG2E * inv_sc2
     for dy, dx in window_offsets(kernel_size, window):
         nb = xp[:, :, r + dy : r + dy + h, r + dx : r + dx + w]
