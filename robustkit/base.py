@@ -155,6 +155,12 @@ class BackdoorAttack(abc.ABC):
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """Return a copy of the batch ``x`` (N x C x H x W in [0, 1]) with the trigger."""
 
+    def poison(self, dataset: Dataset, rate: float = 0.1, seed: int = 0, num_classes: int | None = None):
+        """A :class:`~robustkit.data.poisoned.PoisonedDataset` with this trigger in ``rate`` of ``dataset``."""
+        from .data.poisoned import PoisonedDataset
+
+        return PoisonedDataset(dataset, self, rate=rate, seed=seed, num_classes=num_classes)
+
     def target_labels(self, y: torch.Tensor, num_classes: int) -> torch.Tensor:
         """The labels the backdoor should make the model predict for true labels ``y``."""
         if self.all_to_all:

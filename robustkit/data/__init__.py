@@ -5,6 +5,7 @@ from .cifar10 import cifar10
 from .digits import digits, load_digit_images
 from .folder import image_folder
 from .npz import images_to_tensor, load_npz, npz, save_npz
+from .poisoned import LoadedPoisonedDataset, PoisonedDataset, load_poisoned
 
 __all__ = [
     "ArrayDataset",
@@ -19,5 +20,8 @@ __all__ = [
     "load_npz",
     "save_npz",
     "images_to_tensor",
+    "PoisonedDataset",
+    "LoadedPoisonedDataset",
+    "load_poisoned",
     "load_digit_images",
 ]
