@@ -33,7 +33,7 @@ from .registry import (
 from .wrap import Defended, wrap
 from . import steps  # noqa: F401,E402  (registers pipeline steps)
 from .pipeline import load_config, run, validate_config  # noqa: E402
-from .training import train_classifier  # noqa: E402
+from .training import TrainResult, train, train_classifier  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -42,6 +42,8 @@ __all__ = [
     "validate_config",
     "run",
     "train_classifier",
+    "train",
+    "TrainResult",
     "Defended",
     "Preprocessor",
     "EvasionAttack",

@@ -57,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("config", help="path to a YAML config, e.g. configs/demo.yaml")
     _add_run_options(run)
+    tr = sub.add_parser("train", help="train a (possibly backdoored) victim from a config",
+                        description="Run a pipeline config that trains a model (e.g. poison -> train -> "
+                                    "backdoor_eval -> save_model; see configs/backdoor_badnets.yaml). Same options as run.",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    tr.add_argument("config", help="path to a YAML config with a train step")
+    _add_run_options(tr)
     lst = sub.add_parser("list", help="list registered components and their parameters",
                          description="List what can be named in a config: datasets, models, preprocessors, attacks, steps, ...")
     lst.add_argument("kind", nargs="?", help="one registry: " + ", ".join(_registry_names()))
@@ -134,6 +140,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             return _run(demo_config_path(), args, QUICK_OVERRIDES if args.quick else ())
         if args.command == "run":
+            return _run(args.config, args)
+        if args.command == "train":
+            from .errors import ConfigError
+            from .pipeline import load_config
+
+            if not any("train" in step for step in load_config(args.config)["steps"]):
+                raise ConfigError("has no 'train' step; use `robustkit run` for other pipelines", "steps")
             return _run(args.config, args)
         if args.command == "list":
             return _list(args.kind)

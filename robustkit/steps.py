@@ -18,8 +18,7 @@ from .errors import ConfigError
 from .eval.metrics import accuracy, robust_accuracy
 from .eval.plots import accuracy_bars, training_curves
 from .pipeline import Context
-from .registry import ATTACKS, PREPROCESSORS, STEPS
-from .training import train_classifier
+from .registry import ATTACKS, BACKDOORS, PREPROCESSORS, STEPS
 from .wrap import Defended, wrap
 
 
@@ -40,24 +39,41 @@ def train(
     weight_decay: float = 5e-4,
     schedule: str = "cosine",
     label_smoothing: float = 0.0,
+    warmup_epochs: float = 0.0,
     preprocessors: list | None = None,
+    checkpoint_every: int = 0,
 ) -> None:
-    """Train the run's model on the training split (``preprocessors``: train-time defense)."""
+    """Train the run's model on the training split (``preprocessors``: train-time defense).
+
+    After a ``poison`` step the training split is the poisoned one and every epoch also
+    records the backdoor's ASR and RA on the test split. ``checkpoint_every`` > 0 writes
+    ``checkpoints/epoch_XXX.pt`` every that many epochs (and at the end) plus ``last.pt``.
+    """
+    from .training import train as train_model
+
     model = ctx.require_model("train")
     data = ctx.require_data("train")
     pre = torch.nn.Sequential(*_preprocessor_stack(preprocessors, "train.preprocessors")).to(ctx.device)
-    history = train_classifier(
-        model, data.train, epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer,
-        momentum=momentum, weight_decay=weight_decay, schedule=schedule, label_smoothing=label_smoothing,
-        preprocess=pre if len(pre) else None, val_data=data.test, seed=ctx.seed, progress=ctx.progress,
+    result = train_model(
+        model, data.train, data.test, backdoor=ctx.artifacts.get("backdoor"),
+        checkpoint_dir=ctx.out_dir / "checkpoints" if checkpoint_every > 0 else None, checkpoint_every=checkpoint_every,
+        model_name=ctx.config["model"]["name"],
+        epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, momentum=momentum,
+        weight_decay=weight_decay, schedule=schedule, label_smoothing=label_smoothing, warmup_epochs=warmup_epochs,
+        preprocess=pre if len(pre) else None, seed=ctx.seed, progress=ctx.progress,
     )
+    history = result.history
     last = history[-1]
-    ctx.report.add_table("Training", [{k: v for k, v in h.items()} for h in history])
+    ctx.report.add_table("Training", [dict(h) for h in history])
     ctx.report.metrics.update(train_accuracy=last["train_acc"], test_accuracy=last["val_acc"])
+    if "asr" in last:
+        ctx.report.metrics.update(asr=last["asr"], ra=last["ra"])
     fig = training_curves(history, ctx.out_dir / "training.png", title=f"Training {ctx.config['model']['name']}")
     ctx.report.figures.append(fig.name)
-    print(f"  trained {epochs} epochs in {sum(h['seconds'] for h in history):.1f} s: "
-          f"train acc {last['train_acc']:.3f}, test acc {last['val_acc']:.3f}")
+    msg = f"train acc {last['train_acc']:.3f}, test acc {last['val_acc']:.3f}"
+    if "asr" in last:
+        msg += f", ASR {last['asr']:.3f}"
+    print(f"  trained {epochs} epochs in {sum(h['seconds'] for h in history):.1f} s: {msg}")
 
 
 def _validate_train(params: dict[str, Any], path: str) -> None:
@@ -192,6 +208,57 @@ def _validate_evaluate(params: dict[str, Any], path: str) -> None:
 
 
 evaluate.validate = _validate_evaluate  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------- backdoors
+@STEPS.register("poison")
+def poison(ctx: Context, /, attack: Any = "badnets", rate: float = 0.1, seed: int | None = None,
+           save: str | None = None) -> None:
+    """Implant a backdoor in the training split (``attack``: a backdoor spec, e.g. ``{name: badnets}``).
+
+    The poisoned indices are recorded; ``save`` writes the poisoned set (``.npz`` or a folder)
+    with its manifest, relative to the output folder.
+    """
+    from .data.arrays import DataBundle
+
+    data = ctx.require_data("poison")
+    atk = BACKDOORS.build(attack, "poison.attack")
+    poisoned = atk.poison(data.train, rate=rate, seed=ctx.seed if seed is None else seed, num_classes=data.num_classes)
+    ctx.data = DataBundle(poisoned, data.test, data.num_classes, data.channels, data.image_size, data.classes, data.name)
+    ctx.artifacts.update(backdoor=atk, poisoned=poisoned)
+    name = BACKDOORS.split_spec(attack)[0]
+    row = {"attack": name, "rate": rate, "poisoned": len(poisoned.poisoned_indices),
+           "noise_samples": len(poisoned.noise_indices), "train_size": len(poisoned), "target": atk.target}
+    if save:
+        target = Path(save) if Path(save).is_absolute() else ctx.out_dir / save
+        poisoned.save(target)
+        row["saved_to"] = str(target)
+    ctx.report.add_table("Poisoning", [row])
+    print(f"  poisoned {row['poisoned']} of {row['train_size']} training images with {name} (target {atk.target})")
+
+
+def _validate_poison(params: dict[str, Any], path: str) -> None:
+    BACKDOORS.build(params.get("attack", "badnets"), f"{path}.attack")
+
+
+poison.validate = _validate_poison  # type: ignore[attr-defined]
+
+
+@STEPS.register("backdoor_eval")
+def backdoor_eval(ctx: Context, /, attack: Any = None) -> None:
+    """ACC, ASR and RA of the model on the test split (trigger from the ``poison`` step, or ``attack``)."""
+    from .eval.backdoor import backdoor_metrics
+
+    model = ctx.require_model("backdoor_eval")
+    data = ctx.require_data("backdoor_eval")
+    atk = BACKDOORS.build(attack, "backdoor_eval.attack") if attack is not None else ctx.artifacts.get("backdoor")
+    if atk is None:
+        raise ConfigError("needs a trigger: run a 'poison' step first or give 'attack'", "backdoor_eval")
+    m = backdoor_metrics(model, atk, data.test, data.num_classes)
+    ctx.report.add_table("Backdoor", [{"attack": type(atk).__name__, **m.to_dict()}],
+                         note="ACC on clean test images; ASR and RA on triggered test images whose label is not the target.")
+    ctx.report.metrics.update(acc=m.acc, asr=m.asr, ra=m.ra)
+    print(f"  ACC {m.acc:.3f}  ASR {m.asr:.3f}  RA {m.ra:.3f}")
 
 
 # --------------------------------------------------------------------------- checkpoints

@@ -53,6 +53,8 @@ def training_curves(history: list[dict[str, Any]], path: str | Path, title: str 
     ax2.plot(epochs, [100 * h["train_acc"] for h in history], "s-", color="tab:blue", label="train acc")
     if "val_acc" in history[0]:
         ax2.plot(epochs, [100 * h["val_acc"] for h in history], "^-", color="tab:green", label="test acc")
+    if "asr" in history[0]:
+        ax2.plot(epochs, [100 * h["asr"] for h in history], "x--", color="tab:purple", label="ASR")
     ax2.set_ylabel("accuracy (%)")
     ax2.legend(fontsize=8, loc="center right")
     ax1.set_title(title)
