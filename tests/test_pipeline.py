@@ -157,3 +157,34 @@ def test_cli_dry_run(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "is valid" in out and "epochs: 1" in out
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_train_backdoor_pipeline(tmp_path, capsys):
+    """poison -> train (checkpoints, per-epoch ASR) -> backdoor_eval -> save, through `robustkit train`."""
+    from robustkit.data import load_poisoned
+
+    cfg = {
+        "name": "victim", "seed": 0, "device": "cpu", "output_dir": str(tmp_path / "v"),
+        "data": {"name": "digits", "size": 16},
+        "model": {"name": "small_cnn", "width": 8},
+        "steps": [
+            {"poison": {"attack": {"name": "badnets", "size": 3}, "rate": 0.1, "save": "poisoned.npz"}},
+            {"train": {"epochs": 4, "checkpoint_every": 2}},
+            {"backdoor_eval": {}},
+        ],
+    }
+    path = tmp_path / "victim.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(path), "--no-progress"]) == 0
+    out = tmp_path / "v"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch_002.pt", "epoch_004.pt", "last.pt"]
+    report = json.loads((out / "report.json").read_text())
+    training = next(t for t in report["tables"] if t["title"] == "Training")["rows"]
+    assert all("asr" in r for r in training)
+    assert report["metrics"]["asr"] > 0.5 and report["metrics"]["acc"] > 0.5
+    assert len(load_poisoned(out / "poisoned.npz").poisoned_indices) == 135
+    # a config without a train step is refused by `robustkit train`
+    cfg["steps"] = [{"backdoor_eval": {"attack": "badnets"}}]
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(path)]) == 2
+    assert "has no 'train' step" in capsys.readouterr().err
