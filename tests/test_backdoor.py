@@ -200,3 +200,23 @@ def test_short_training_implants_backdoor(digits16):
     r = backdoor_metrics(model, attack, digits16.test)
     assert r.acc > 0.85
     assert r.asr > 0.8  # chance would be ~0.1
+
+
+@pytest.mark.parametrize("model_name", ["preact_resnet18", "small_vit"])
+def test_train_victim_any_model_with_checkpoints(digits16, tmp_path, model_name):
+    """robustkit.train drives every victim architecture, records ASR per epoch and checkpoints atomically."""
+    from robustkit.models import load_checkpoint
+    from robustkit.pipeline import build_model
+
+    torch.manual_seed(0)
+    sub = digits16.train.subset(range(200))
+    attack = BadNets()
+    poisoned = attack.poison(sub, rate=0.1, seed=0, num_classes=10)
+    model = build_model({"name": model_name}, digits16)
+    res = robustkit.train(model, poisoned, digits16.test.subset(range(100)), backdoor=attack, epochs=1, batch_size=50,
+                          lr=0.01, checkpoint_dir=tmp_path / "ck", model_name=model_name, progress=False)
+    assert set(res.history[0]) >= {"loss", "train_acc", "val_acc", "asr", "ra"}
+    assert [p.split("/")[-1] for p in res.checkpoints] == ["epoch_001.pt", "last.pt"]
+    reloaded = load_checkpoint(tmp_path / "ck" / "last.pt")
+    x = digits16.test.images[:4]
+    assert torch.allclose(reloaded(x), model.eval()(x), atol=1e-5)
