@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import types
 import typing
 from fractions import Fraction
 from typing import Any, Callable, Iterator, Mapping
@@ -45,20 +46,9 @@ def _accepts(annotation: Any) -> tuple[type, ...] | None:
     """Simple runtime types an annotation allows; None when we do not check it."""
     if isinstance(annotation, str):
         return None  # unresolved forward reference: let the factory check it
-    origin = typing.get_origin(annotation)
-    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         out: list[type] = []
         for arg in typing.get_args(annotation):
-            sub = _accepts(arg)
-            if sub is None:
-                return None
-            out.extend(sub)
-        return tuple(out)
-    import types
-
-    if isinstance(annotation, types.UnionType):
-        out = []
-        for arg in annotation.__args__:
             sub = _accepts(arg)
             if sub is None:
                 return None

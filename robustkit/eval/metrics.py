@@ -86,12 +86,14 @@ def robust_accuracy(
     device = model_device(model)
     clean_ok, robust_ok, advs = [], [], []
     n_done = n_robust = 0
+    was_training = model.training
+    model.eval()
     t0 = time.perf_counter()
     bar = tqdm(total=x.shape[0], desc=desc, disable=None if progress else True, unit="img", leave=False)
     for s in batches(x.shape[0], batch_size):
         xb, yb = x[s].to(device), y[s].to(device)
         with torch.no_grad():
-            c = model.eval()(xb).argmax(1) == yb
+            c = model(xb).argmax(1) == yb
         x_adv = attack(model, xb, yb)
         with torch.no_grad():
             r = (model(x_adv).argmax(1) == yb) & c
@@ -104,6 +106,7 @@ def robust_accuracy(
         bar.update(xb.shape[0])
         bar.set_postfix(robust=f"{n_robust / n_done:.3f}")
     bar.close()
+    model.train(was_training)
     clean_correct, robust_correct = torch.cat(clean_ok), torch.cat(robust_ok)
     return AttackResult(
         clean_accuracy=float(clean_correct.float().mean()),
