@@ -170,7 +170,7 @@ def evaluate(
             spec, custom = _split_label(spec)
             attack = ATTACKS.build(spec, f"evaluate.attacks[{i}]")
             name = custom or attack_label(attack, spec)
-            if not defended.randomized and getattr(attack, "eot_samples", 1) > 1:
+            if not defended.randomized and vars(attack).get("eot_samples", 1) > 1:
                 # a deterministic model gives the same gradient on every EOT pass: one is enough
                 attack = copy.copy(attack)
                 attack.eot_samples = 1

@@ -1,4 +1,9 @@
-"""Data sets: built-in digits, CIFAR-10 from disk, ImageFolder and .npz arrays."""
+"""Data sets: built-in digits, CIFAR-10 from disk, ImageFolder and .npz arrays.
+
+Every factory returns a :class:`DataBundle` whose images are float32 C x H x W in [0, 1];
+importing this package registers ``digits``, ``cifar10``, ``image_folder`` and ``npz``
+in :data:`robustkit.registry.DATASETS`.
+"""
 
 from .arrays import ArrayDataset, DataBundle, bundle_from_arrays, stratified_split, to_tensors
 from .cifar10 import cifar10

@@ -1,7 +1,13 @@
-"""Image arrays in ``.npz`` files (read and atomic write)."""
+"""Image arrays in ``.npz`` files (read, and atomic write).
+
+Keys: ``x_train, y_train, x_test, y_test``, or ``x, y`` (then split stratified), plus an
+optional ``classes`` array of names. Images may be uint8 (0..255) or float ([0, 1]),
+channels-first (N x C x H x W), channels-last (N x H x W x C) or grayscale N x H x W.
+"""
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -11,56 +17,122 @@ import torch
 from ..errors import DataNotFoundError, InputError
 from ..io import atomic_path
 from ..registry import DATASETS
+from ..validation import RANGE_TOLERANCE, check_images, check_labels
 from .arrays import DataBundle, bundle_from_arrays, stratified_split
+
+SPLIT_KEYS = ("x_train", "y_train", "x_test", "y_test")
+RESERVED_KEYS = ("x", "y", "classes")
+
+
+def _channel_axis(shape: tuple[int, ...], name: str) -> int:
+    """1 for N x C x H x W, 3 for N x H x W x C (C is 1 or 3, else 4 for RGBA)."""
+    first, last = shape[1], shape[3]
+    if first in (1, 3):
+        return 1  # also the ambiguous N x 3 x H x 3: the toolkit's own layout wins
+    if last in (1, 3):
+        return 3
+    if first == 4:
+        return 1
+    if last == 4:
+        return 3
+    raise InputError(
+        f"cannot tell which axis of {name} (shape {shape}) holds the channels; expected N x C x H x W or "
+        "N x H x W x C with C = 1 (grayscale), 3 (RGB) or 4 (RGBA)"
+    )
 
 
 def images_to_tensor(arr: np.ndarray, name: str = "x") -> torch.Tensor:
-    """uint8 (0..255) or float ([0, 1]) images, N x H x W x C or N x C x H x W or N x H x W -> float NCHW."""
+    """uint8 (0..255) or float ([0, 1]) images, N x H x W x C, N x C x H x W or N x H x W -> float32 NCHW."""
     arr = np.asarray(arr)
     if arr.ndim == 3:
         arr = arr[:, None]
     if arr.ndim != 4:
-        raise InputError(f"{name} must have 3 or 4 dimensions (N x H x W [x C]), got shape {arr.shape}")
-    if arr.shape[-1] in (1, 3, 4) and arr.shape[1] not in (1, 3, 4):
+        raise InputError(f"{name} must have 3 or 4 dimensions (N x H x W, N x C x H x W or N x H x W x C), got shape {arr.shape}")
+    if arr.shape[0] == 0:
+        raise InputError(f"{name} holds no images (shape {arr.shape})")
+    if _channel_axis(arr.shape, name) == 3:
         arr = arr.transpose(0, 3, 1, 2)
     if arr.dtype == np.uint8:
-        x = torch.from_numpy(np.ascontiguousarray(arr)).float().div_(255.0)
-    elif np.issubdtype(arr.dtype, np.floating):
+        return torch.from_numpy(np.ascontiguousarray(arr)).float().div_(255.0)
+    if np.issubdtype(arr.dtype, np.floating):
         if not np.isfinite(arr).all():
             raise InputError(f"{name} contains NaN or infinite values")
         lo, hi = float(arr.min()), float(arr.max())
-        if lo < 0 or hi > 1:
-            raise InputError(f"float images in {name} must be in [0, 1], got min {lo:.4g} max {hi:.4g} (store 0..255 data as uint8)")
-        x = torch.from_numpy(np.ascontiguousarray(arr)).float()
-    else:
-        raise InputError(f"{name} must be uint8 (0..255) or float ([0, 1]), got dtype {arr.dtype}")
-    return x
+        if lo < -RANGE_TOLERANCE or hi > 1 + RANGE_TOLERANCE:
+            raise InputError(
+                f"float images in {name} must be in [0, 1], got min {lo:.4g} max {hi:.4g} "
+                "(store 0..255 data as uint8; images are never normalized outside the model)"
+            )
+        return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).clamp_(0.0, 1.0)
+    hint = " (if the values are 0..255, convert with x.astype(np.uint8))" if np.issubdtype(arr.dtype, np.integer) else ""
+    raise InputError(f"{name} must be uint8 (0..255) or float ([0, 1]), got dtype {arr.dtype}{hint}")
+
+
+def _labels_to_tensor(y: np.ndarray, n: int, name: str, where: str) -> torch.Tensor:
+    y = np.asarray(y)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1:
+        hint = " (one-hot labels? store y.argmax(1))" if y.ndim == 2 else ""
+        raise InputError(f"{where}: {name} must be 1-D class indices, got shape {y.shape}{hint}")
+    integral = np.issubdtype(y.dtype, np.integer) or (
+        np.issubdtype(y.dtype, np.floating) and bool(np.all(np.isfinite(y))) and bool(np.all(np.mod(y, 1) == 0))
+    )
+    if y.dtype == bool or not integral:
+        raise InputError(f"{where}: {name} must hold integer class indices, got dtype {y.dtype}")
+    if y.shape[0] != n:
+        raise InputError(f"{where}: {n} images but {y.shape[0]} labels in {name}")
+    yt = torch.from_numpy(y.astype(np.int64))
+    check_labels(yt, n, name)
+    return yt
+
+
+def _classes(arr: np.ndarray, where: str) -> list[str]:
+    arr = np.asarray(arr)
+    if arr.ndim != 1:
+        raise InputError(f"{where}: 'classes' must be a 1-D array of names, got shape {arr.shape}")
+    return [c.decode() if isinstance(c, bytes) else str(c) for c in arr.tolist()]
+
+
+def _resolve(path: str | Path) -> Path:
+    p = Path(path).expanduser()
+    if not p.is_file() and p.suffix != ".npz" and p.with_name(p.name + ".npz").is_file():
+        return p.with_name(p.name + ".npz")  # np.savez's naming: "data" was written as "data.npz"
+    return p
 
 
 def load_npz(path: str | Path, test_fraction: float = 0.2, seed: int = 0) -> DataBundle:
     """Read ``x_train, y_train, x_test, y_test`` (or ``x, y`` split stratified) and optional ``classes``."""
-    p = Path(path)
+    p = _resolve(path)
     if not p.is_file():
         raise DataNotFoundError(f"npz file not found: {p}")
+    errors = (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError)
     try:
-        with np.load(p, allow_pickle=False) as f:
+        f = np.load(p, allow_pickle=False)
+    except errors as exc:
+        raise InputError(f"{p} is not a readable .npz file ({type(exc).__name__}: {exc})") from None
+    if not isinstance(f, np.lib.npyio.NpzFile):
+        raise InputError(f"{p} holds a single .npy array, not an .npz archive of named arrays (x, y, ...)")
+    try:
+        with f:
             arrays = {k: f[k] for k in f.files}
-    except (ValueError, OSError) as exc:
-        raise InputError(f"{p} is not a readable .npz file: {exc}") from None
-    classes = [str(c) for c in arrays["classes"]] if "classes" in arrays else None
-    if {"x_train", "y_train", "x_test", "y_test"} <= set(arrays):
-        parts = [(arrays["x_train"], arrays["y_train"], "train"), (arrays["x_test"], arrays["y_test"], "test")]
-    elif {"x", "y"} <= set(arrays):
-        parts = [(arrays["x"], arrays["y"], "")]
+    except errors as exc:
+        raise InputError(f"{p} is not a readable .npz file ({type(exc).__name__}: {exc})") from None
+    where = str(p)
+    classes = _classes(arrays["classes"], where) if "classes" in arrays else None
+    keys = set(arrays)
+    if set(SPLIT_KEYS) <= keys:
+        parts = [("x_train", "y_train"), ("x_test", "y_test")]
+    elif {"x", "y"} <= keys:
+        parts = [("x", "y")]
     else:
-        raise InputError(f"{p} must hold x_train, y_train, x_test, y_test or x, y; found keys {sorted(arrays)}")
+        have = [k for k in SPLIT_KEYS if k in keys]
+        detail = f" (has {', '.join(have)} but lacks {', '.join(k for k in SPLIT_KEYS if k not in keys)})" if have else ""
+        raise InputError(f"{p} must hold arrays x_train, y_train, x_test, y_test or x, y{detail}; found keys {sorted(arrays)}")
     tensors = []
-    for x, y, tag in parts:
-        xt = images_to_tensor(x, f"x_{tag}" if tag else "x")
-        yt = torch.from_numpy(np.asarray(y)).long()
-        if yt.dim() != 1 or yt.shape[0] != xt.shape[0]:
-            raise InputError(f"{p}: {xt.shape[0]} images but labels of shape {tuple(yt.shape)}")
-        tensors.append((xt, yt))
+    for xk, yk in parts:
+        xt = images_to_tensor(arrays[xk], f"{where}: {xk}")
+        tensors.append((xt, _labels_to_tensor(arrays[yk], xt.shape[0], yk, where)))
     if len(tensors) == 1:
         x, y = tensors[0]
         tr, te = stratified_split(y.numpy(), test_fraction, seed)
@@ -78,20 +150,41 @@ def npz(path: str, test_fraction: float = 0.2, seed: int = 0) -> DataBundle:
 
 def save_npz(path: str | Path, x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray,
              classes: Sequence[str] | None = None, **extra: Any) -> Path:
-    """Write images (stored as uint8 when they are multiples of 1/255, else float32) atomically."""
-    xa = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-    ya = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
-    if np.issubdtype(xa.dtype, np.floating):
-        q = np.round(xa * 255.0)
-        if np.allclose(q / 255.0, xa, atol=1e-6, rtol=0):
-            xa = q.astype(np.uint8)
-        else:
-            xa = xa.astype(np.float32)
-    payload: dict[str, Any] = {"x": xa, "y": ya.astype(np.int64), **extra}
+    """Write images ``x`` and labels ``y`` (keys ``x``, ``y``, ``classes``, plus ``extra`` arrays) atomically.
+
+    ``x`` is a float N x C x H x W tensor in [0, 1] (or a numpy array in any layout
+    :func:`load_npz` reads); it is stored channels-first, as uint8 when every value is a
+    multiple of 1/255 (lossless) and as float32 otherwise. Like ``np.savez``, ``.npz`` is
+    appended to a name without it; the path written is returned.
+    """
+    if isinstance(x, torch.Tensor):
+        xt = check_images(x.detach().cpu(), "x").float()
+    else:
+        xt = images_to_tensor(np.asarray(x), "x")
+    yt = y.detach().cpu() if isinstance(y, torch.Tensor) else torch.from_numpy(np.asarray(y))
+    check_labels(yt, xt.shape[0], "y")
+    bad = sorted(set(extra) & set(RESERVED_KEYS))
+    if bad:
+        raise InputError(f"extra arrays may not be named {', '.join(bad)} (reserved)")
+    payload: dict[str, Any] = {}
+    for k, v in extra.items():
+        arr = v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+        if arr.dtype == object:
+            raise InputError(f"extra array {k!r} has dtype object, which load_npz cannot read (allow_pickle=False)")
+        payload[k] = arr
+    xa = xt.numpy()
+    q = np.round(xa * 255.0)
+    xa = q.astype(np.uint8) if np.allclose(q / 255.0, xa, atol=1e-6, rtol=0) else np.clip(xa, 0.0, 1.0).astype(np.float32)
+    payload.update(x=xa, y=yt.numpy().astype(np.int64))
     if classes is not None:
-        payload["classes"] = np.asarray(list(classes))
-    target = Path(path)
+        names = [str(c) for c in classes]
+        if yt.numel() and int(yt.max()) >= len(names):
+            raise InputError(f"labels go up to {int(yt.max())} but only {len(names)} class names were given")
+        payload["classes"] = np.asarray(names, dtype=str)
+    target = Path(path).expanduser()
+    if target.suffix != ".npz":
+        target = target.with_name(target.name + ".npz")
     with atomic_path(target, suffix=".npz") as tmp:
-        with open(tmp, "wb") as fh:  # a file object: np.savez would append .npz to a name
+        with open(tmp, "wb") as fh:  # a file object: np.savez would append .npz to the temporary name
             np.savez_compressed(fh, **payload)
     return target
