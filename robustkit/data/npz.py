@@ -21,7 +21,6 @@ from ..validation import RANGE_TOLERANCE, check_images, check_labels
 from .arrays import DataBundle, bundle_from_arrays, stratified_split
 
 SPLIT_KEYS = ("x_train", "y_train", "x_test", "y_test")
-RESERVED_KEYS = ("x", "y", "classes")
 
 
 def _channel_axis(shape: tuple[int, ...], name: str) -> int:
@@ -163,9 +162,6 @@ def save_npz(path: str | Path, x: torch.Tensor | np.ndarray, y: torch.Tensor | n
         xt = images_to_tensor(np.asarray(x), "x")
     yt = y.detach().cpu() if isinstance(y, torch.Tensor) else torch.from_numpy(np.asarray(y))
     check_labels(yt, xt.shape[0], "y")
-    bad = sorted(set(extra) & set(RESERVED_KEYS))
-    if bad:
-        raise InputError(f"extra arrays may not be named {', '.join(bad)} (reserved)")
     payload: dict[str, Any] = {}
     for k, v in extra.items():
         arr = v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
