@@ -63,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     tr.add_argument("config", help="path to a YAML config with a train step")
     _add_run_options(tr)
+    ev = sub.add_parser("eval", help="evaluate a model from a config (clean, PGD, EOT-PGD, AutoAttack, eps sweeps)",
+                        description="Run a pipeline config with an evaluate step (e.g. load_model -> evaluate). "
+                                    "For several processes use `torchrun --nproc-per-node N -m robustkit.eval CONFIG`.",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ev.add_argument("config", help="path to a YAML config with an evaluate step")
+    _add_run_options(ev)
     lst = sub.add_parser("list", help="list registered components and their parameters",
                          description="List what can be named in a config: datasets, models, preprocessors, attacks, steps, ...")
     lst.add_argument("kind", nargs="?", help="one registry: " + ", ".join(_registry_names()))
@@ -141,12 +147,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(demo_config_path(), args, QUICK_OVERRIDES if args.quick else ())
         if args.command == "run":
             return _run(args.config, args)
-        if args.command == "train":
+        if args.command in ("train", "eval"):
             from .errors import ConfigError
             from .pipeline import load_config
 
-            if not any("train" in step for step in load_config(args.config)["steps"]):
-                raise ConfigError("has no 'train' step; use `robustkit run` for other pipelines", "steps")
+            needed = "train" if args.command == "train" else "evaluate"
+            if not any(needed in step for step in load_config(args.config)["steps"]):
+                raise ConfigError(f"has no '{needed}' step; use `robustkit run` for other pipelines", "steps")
             return _run(args.config, args)
         if args.command == "list":
             return _list(args.kind)

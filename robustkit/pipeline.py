@@ -61,6 +61,21 @@ class Context:
     data: Any = None
     model: nn.Module | None = None
     artifacts: dict[str, Any] = field(default_factory=dict)
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        """Only rank 0 writes files and prints (all ranks compute)."""
+        return self.rank == 0
+
+    @property
+    def shard(self) -> tuple[int, int] | None:
+        return (self.rank, self.world_size) if self.world_size > 1 else None
+
+    def log(self, msg: str) -> None:
+        if self.is_main:
+            print(msg, flush=True)
 
     def require_model(self, step: str) -> nn.Module:
         if self.model is None:
@@ -208,8 +223,12 @@ def run(
     report = Report(name=str(cfg["name"]), config=cfg)
     if cfg.get("description"):
         report.notes.append(str(cfg["description"]))
-    ctx = Context(config=cfg, device=device, seed=cfg["seed"], out_dir=out, report=report, progress=progress)
-    say = log or (lambda _msg: None)
+    rank, world = distributed_rank()
+    ctx = Context(config=cfg, device=device, seed=cfg["seed"], out_dir=out, report=report, progress=progress,
+                  rank=rank, world_size=world)
+    say = (log or (lambda _msg: None)) if rank == 0 else (lambda _msg: None)
+    if world > 1:
+        say(f"distributed: {world} processes; evaluation batches are sharded across them")
     t0 = time.perf_counter()
     if "data" in cfg:
         ctx.data = DATASETS.build(cfg["data"], "data")
@@ -224,6 +243,16 @@ def run(
         say(f"step {i + 1}/{len(cfg['steps'])}: {name}")
         STEPS.get(name)(ctx, **params)
     report.seconds = time.perf_counter() - t0
-    paths = report.write(out)
-    say(f"report written to {paths['markdown']} and {paths['json']}")
+    if rank == 0:
+        paths = report.write(out)
+        say(f"report written to {paths['markdown']} and {paths['json']}")
     return report
+
+
+def distributed_rank() -> tuple[int, int]:
+    """(rank, world size) of an initialized ``torch.distributed`` group, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1

@@ -15,10 +15,10 @@ from typing import Any
 import torch
 
 from .errors import ConfigError
-from .eval.metrics import accuracy, robust_accuracy
+from .eval.metrics import robust_accuracy
 from .eval.plots import accuracy_bars, training_curves
 from .pipeline import Context
-from .registry import ATTACKS, BACKDOORS, PREPROCESSORS, STEPS
+from .registry import ATTACKS, BACKDOORS, PREPROCESSORS, STEPS, parse_number
 from .wrap import Defended, wrap
 
 
@@ -56,11 +56,12 @@ def train(
     pre = torch.nn.Sequential(*_preprocessor_stack(preprocessors, "train.preprocessors")).to(ctx.device)
     result = train_model(
         model, data.train, data.test, backdoor=ctx.artifacts.get("backdoor"),
-        checkpoint_dir=ctx.out_dir / "checkpoints" if checkpoint_every > 0 else None, checkpoint_every=checkpoint_every,
+        checkpoint_dir=ctx.out_dir / "checkpoints" if checkpoint_every > 0 and ctx.is_main else None,
+        checkpoint_every=checkpoint_every,
         model_name=ctx.config["model"]["name"],
         epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, momentum=momentum,
         weight_decay=weight_decay, schedule=schedule, label_smoothing=label_smoothing, warmup_epochs=warmup_epochs,
-        preprocess=pre if len(pre) else None, seed=ctx.seed, progress=ctx.progress,
+        preprocess=pre if len(pre) else None, seed=ctx.seed, progress=ctx.progress and ctx.is_main,
     )
     history = result.history
     last = history[-1]
@@ -68,12 +69,13 @@ def train(
     ctx.report.metrics.update(train_accuracy=last["train_acc"], test_accuracy=last["val_acc"])
     if "asr" in last:
         ctx.report.metrics.update(asr=last["asr"], ra=last["ra"])
-    fig = training_curves(history, ctx.out_dir / "training.png", title=f"Training {ctx.config['model']['name']}")
-    ctx.report.figures.append(fig.name)
+    if ctx.is_main:
+        fig = training_curves(history, ctx.out_dir / "training.png", title=f"Training {ctx.config['model']['name']}")
+        ctx.report.figures.append(fig.name)
     msg = f"train acc {last['train_acc']:.3f}, test acc {last['val_acc']:.3f}"
     if "asr" in last:
         msg += f", ASR {last['asr']:.3f}"
-    print(f"  trained {epochs} epochs in {sum(h['seconds'] for h in history):.1f} s: {msg}")
+    ctx.log(f"  trained {epochs} epochs in {sum(h['seconds'] for h in history):.1f} s: {msg}")
 
 
 def _validate_train(params: dict[str, Any], path: str) -> None:
@@ -138,6 +140,7 @@ def evaluate(
     /,
     attacks: list | None = None,
     defenses: list | None = None,
+    eps: list | None = None,
     n_samples: int | None = None,
     batch_size: int = 256,
 ) -> None:
@@ -145,55 +148,67 @@ def evaluate(
 
     ``defenses``: list of ``{label, preprocessors: [spec, ...]}`` (default: undefended only).
     ``attacks``: list of attack specs (``{name: pgd, eps: 8/255, ..., label: optional}``).
+    ``eps``: optional list of radii; every attack then runs at each of them (its own ``eps``
+    is overridden) and ``robust_vs_eps.png`` plots the curves.
     ``n_samples``: evaluate on the first n test images (default: all).
+
+    Batch ``b`` is attacked with seed ``seed + b`` (attack and defense randomness), so the
+    result is the same under ``torchrun`` sharding, which splits batches across ranks.
     """
     model = ctx.require_model("evaluate")
     data = ctx.require_data("evaluate")
     from .data import to_tensors
+    from .eval.plots import robust_vs_eps
 
     x, y = to_tensors(data.test, max_samples=n_samples)
+    radii = [None] if not eps else [parse_number(e, "evaluate.eps") for e in eps]
     rows: list[dict[str, Any]] = []
     plot_rows: list[dict[str, Any]] = []
+    run = dict(batch_size=batch_size, progress=ctx.progress and ctx.is_main, seed=ctx.seed, shard=ctx.shard)
     for label, pre_specs in _defense_list(defenses, "evaluate.defenses"):
         pre = [p.to(ctx.device) for p in _preprocessor_stack(pre_specs, f"evaluate.defenses[{label}]")]
-        for p in pre:
-            if hasattr(p, "reseed") and getattr(p, "_seed", None) is None:
-                p.reseed(ctx.seed)
         defended: Defended = wrap(model, *pre)
-        clean = accuracy(defended, (x, y), batch_size=batch_size)
-        print(f"  {label}: clean accuracy {clean:.3f} on {x.shape[0]} test images")
+        clean = robust_accuracy(defended, None, x, y, desc=f"{label} / clean", **run).clean_accuracy
+        ctx.log(f"  {label}: clean accuracy {clean:.3f} on {x.shape[0]} test images")
         rows.append({"defense": label, "attack": "clean", "norm": "-", "eps": "-", "accuracy": clean,
                      "adaptive": "-", "seconds": 0.0})
         plot_rows.append({"defense": label, "attack": "clean", "accuracy": clean})
         ctx.report.metrics[f"{label}/clean_accuracy"] = clean
         for i, spec in enumerate(attacks or []):
             spec, custom = _split_label(spec)
-            attack = ATTACKS.build(spec, f"evaluate.attacks[{i}]")
-            name = custom or attack_label(attack, spec)
-            if not defended.randomized and vars(attack).get("eot_samples", 1) > 1:
-                # a deterministic model gives the same gradient on every EOT pass: one is enough
-                attack = copy.copy(attack)
-                attack.eot_samples = 1
-            res = robust_accuracy(defended, attack, x, y, batch_size=batch_size, progress=ctx.progress,
-                                  desc=f"{label} / {name}")
-            adaptive = (not defended.randomized) or getattr(attack, "eot_samples", 1) > 1
-            rows.append({"defense": label, "attack": name, "norm": attack.norm, "eps": attack.eps,
-                         "accuracy": res.robust_accuracy, "adaptive": adaptive, "seconds": res.seconds})
-            plot_rows.append({"defense": label, "attack": name, "accuracy": res.robust_accuracy})
-            ctx.report.metrics[f"{label}/{name}/robust_accuracy"] = res.robust_accuracy
-            print(f"  {label} / {name}: robust accuracy {res.robust_accuracy:.3f} ({res.seconds:.1f} s)")
-            if not adaptive:
-                ctx.report.notes.append(
-                    f"'{label}' is randomized but '{name}' averages no gradients over its randomness (no EOT): "
-                    "its robust accuracy is an upper bound, not evidence of robustness."
-                )
+            for radius in radii:
+                full = spec if radius is None else {**ATTACKS.split_spec(spec)[1], "name": ATTACKS.split_spec(spec)[0], "eps": radius}
+                attack = ATTACKS.build(full, f"evaluate.attacks[{i}]")
+                name = custom or attack_label(attack, full)
+                if custom and radius is not None:
+                    name = f"{custom} eps={_eps_label(attack.eps, attack.norm)}"
+                if not defended.randomized and vars(attack).get("eot_samples", 1) > 1:
+                    # a deterministic model gives the same gradient on every EOT pass: one is enough
+                    attack = copy.copy(attack)
+                    attack.eot_samples = 1
+                res = robust_accuracy(defended, attack, x, y, desc=f"{label} / {name}", **run)
+                adaptive = (not defended.randomized) or getattr(attack, "eot_samples", 1) > 1
+                rows.append({"defense": label, "attack": name, "norm": attack.norm, "eps": attack.eps,
+                             "accuracy": res.robust_accuracy, "adaptive": adaptive, "seconds": res.seconds})
+                plot_rows.append({"defense": label, "attack": name, "accuracy": res.robust_accuracy,
+                                  "family": custom or attack_label(attack, {}).split(" eps=")[0], "eps": attack.eps})
+                ctx.report.metrics[f"{label}/{name}/robust_accuracy"] = res.robust_accuracy
+                ctx.log(f"  {label} / {name}: robust accuracy {res.robust_accuracy:.3f} ({res.seconds:.1f} s)")
+                if not adaptive:
+                    ctx.report.notes.append(
+                        f"'{label}' is randomized but '{name}' averages no gradients over its randomness (no EOT): "
+                        "its robust accuracy is an upper bound, not evidence of robustness."
+                    )
     ctx.report.add_table(
         "Clean and robust accuracy", rows,
         note=f"{x.shape[0]} test images. Robust = correct on the clean and on the attacked image. "
              "adaptive = the attack differentiates through the defense and, for randomized defenses, uses EOT.",
     )
-    fig = accuracy_bars(plot_rows, ctx.out_dir / "accuracy.png")
-    ctx.report.figures.append(fig.name)
+    if ctx.is_main:
+        if eps and len(radii) > 1:
+            ctx.report.figures.append(robust_vs_eps(plot_rows, ctx.out_dir / "robust_vs_eps.png").name)
+        else:
+            ctx.report.figures.append(accuracy_bars(plot_rows, ctx.out_dir / "accuracy.png").name)
 
 
 def _validate_evaluate(params: dict[str, Any], path: str) -> None:
@@ -231,10 +246,11 @@ def poison(ctx: Context, /, attack: Any = "badnets", rate: float = 0.1, seed: in
            "noise_samples": len(poisoned.noise_indices), "train_size": len(poisoned), "target": atk.target}
     if save:
         target = Path(save) if Path(save).is_absolute() else ctx.out_dir / save
-        poisoned.save(target)
+        if ctx.is_main:
+            poisoned.save(target)
         row["saved_to"] = str(target)
     ctx.report.add_table("Poisoning", [row])
-    print(f"  poisoned {row['poisoned']} of {row['train_size']} training images with {name} (target {atk.target})")
+    ctx.log(f"  poisoned {row['poisoned']} of {row['train_size']} training images with {name} (target {atk.target})")
 
 
 def _validate_poison(params: dict[str, Any], path: str) -> None:
@@ -258,7 +274,7 @@ def backdoor_eval(ctx: Context, /, attack: Any = None) -> None:
     ctx.report.add_table("Backdoor", [{"attack": type(atk).__name__, **m.to_dict()}],
                          note="ACC on clean test images; ASR and RA on triggered test images whose label is not the target.")
     ctx.report.metrics.update(acc=m.acc, asr=m.asr, ra=m.ra)
-    print(f"  ACC {m.acc:.3f}  ASR {m.asr:.3f}  RA {m.ra:.3f}")
+    ctx.log(f"  ACC {m.acc:.3f}  ASR {m.asr:.3f}  RA {m.ra:.3f}")
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -271,9 +287,10 @@ def save_model(ctx: Context, /, path: str = "model.pt") -> None:
     target = Path(path) if Path(path).is_absolute() else ctx.out_dir / path
     spec = dict(ctx.config.get("model", {}))
     name = spec.pop("name", None)
-    save_checkpoint(model, target, name=name, kwargs=getattr(model, "config", None) or spec)
+    if ctx.is_main:
+        save_checkpoint(model, target, name=name, kwargs=getattr(model, "config", None) or spec)
     ctx.artifacts["model_path"] = str(target)
-    print(f"  saved model to {target}")
+    ctx.log(f"  saved model to {target}")
 
 
 @STEPS.register("load_model")
@@ -282,4 +299,4 @@ def load_model(ctx: Context, /, path: str) -> None:
     from .models.loaders import load_checkpoint
 
     ctx.model = load_checkpoint(path, map_location=ctx.device).to(ctx.device)
-    print(f"  loaded model from {path}")
+    ctx.log(f"  loaded model from {path}")

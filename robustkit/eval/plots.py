@@ -59,3 +59,29 @@ def training_curves(history: list[dict[str, Any]], path: str | Path, title: str 
     ax2.legend(fontsize=8, loc="center right")
     ax1.set_title(title)
     return save_figure(fig, path)
+
+
+def robust_vs_eps(rows: list[dict[str, Any]], path: str | Path, title: str = "Robust accuracy vs. eps") -> Path:
+    """One line per (defense, attack family): accuracy against the attack radius; eps 0 is clean accuracy.
+
+    ``rows`` have ``defense``, ``attack`` (``"clean"`` for clean rows), ``accuracy`` and, for
+    attacks, ``family`` and ``eps``.
+    """
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    clean = {r["defense"]: r["accuracy"] for r in rows if r["attack"] == "clean"}
+    curves: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for r in rows:
+        if r["attack"] != "clean":
+            curves.setdefault((r["defense"], r["family"]), []).append((r["eps"], r["accuracy"]))
+    for (defense, family), pts in curves.items():
+        pts = sorted(pts)
+        xs = [0.0] + [p[0] for p in pts]
+        ys = [100 * clean.get(defense, float("nan"))] + [100 * p[1] for p in pts]
+        ax.plot(xs, ys, "o-", label=f"{defense}: {family}")
+    ax.set_xlabel("eps")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 105)
+    ax.grid(alpha=0.3)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    return save_figure(fig, path)
