@@ -168,6 +168,11 @@ def evaluate(
     for label, pre_specs in _defense_list(defenses, "evaluate.defenses"):
         pre = [p.to(ctx.device) for p in _preprocessor_stack(pre_specs, f"evaluate.defenses[{label}]")]
         defended: Defended = wrap(model, *pre)
+        bpda = not defended.differentiable
+        if bpda:  # same forward; straight-through gradients for the non-differentiable parts
+            from .attacks.bpda import with_bpda
+
+            defended = with_bpda(defended)
         clean = robust_accuracy(defended, None, x, y, desc=f"{label} / clean", **run).clean_accuracy
         ctx.log(f"  {label}: clean accuracy {clean:.3f} on {x.shape[0]} test images")
         rows.append({"defense": label, "attack": "clean", "norm": "-", "eps": "-", "accuracy": clean,
@@ -189,7 +194,8 @@ def evaluate(
                 res = robust_accuracy(defended, attack, x, y, desc=f"{label} / {name}", **run)
                 adaptive = (not defended.randomized) or getattr(attack, "eot_samples", 1) > 1
                 rows.append({"defense": label, "attack": name, "norm": attack.norm, "eps": attack.eps,
-                             "accuracy": res.robust_accuracy, "adaptive": adaptive, "seconds": res.seconds})
+                             "accuracy": res.robust_accuracy, "adaptive": adaptive,
+                             "gradient": "BPDA" if bpda else "exact", "seconds": res.seconds})
                 plot_rows.append({"defense": label, "attack": name, "accuracy": res.robust_accuracy,
                                   "family": custom or attack_label(attack, {}).split(" eps=")[0], "eps": attack.eps})
                 ctx.report.metrics[f"{label}/{name}/robust_accuracy"] = res.robust_accuracy
@@ -202,7 +208,8 @@ def evaluate(
     ctx.report.add_table(
         "Clean and robust accuracy", rows,
         note=f"{x.shape[0]} test images. Robust = correct on the clean and on the attacked image. "
-             "adaptive = the attack differentiates through the defense and, for randomized defenses, uses EOT.",
+             "adaptive = the attack differentiates through the defense and, for randomized defenses, uses EOT; "
+             "gradient = exact, or BPDA (identity backward) through non-differentiable preprocessors.",
     )
     if ctx.is_main:
         if eps and len(radii) > 1:
