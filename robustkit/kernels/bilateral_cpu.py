@@ -1,7 +1,7 @@
 """Bilateral filter in pure PyTorch: a loop over window taps on shifted slices of the padded
 input, with a hand-written exact backward.
 
-Extra memory is O(N*C*H*W) (the padded input, numerator, denominator and a few per-tap
+Extra memory is O(N*C*H*W) (padded copies of the input, the accumulators and a few per-tap
 temporaries), never O(N*C*H*W*K^2) as with ``unfold``. This path runs on any device; on
 CUDA the fused Triton kernel in :mod:`robustkit.kernels.bilateral_triton` is faster.
 
@@ -11,7 +11,16 @@ Forward, for pixel p and window offsets q (reflect-101 borders)::
     D_p   = sum_q w_pq,   out_p = sum_q w_pq x_q / D_p
 
 with ``dist`` the L1 (sum over channels of |.|) or L2 colour distance, shared by all channels.
-Backward: see :func:`bilateral_backward_reference` and ``docs/bilateral.md``.
+
+Two tricks keep the number of passes over memory low:
+
+- the weight is symmetric (``w_pq = w_qp``), also across reflected borders when it is
+  computed on the padded grid: for each pair of opposite offsets ``+o`` / ``-o`` one weight map
+  over the padded positions ``u`` (pairs ``(u, u + o)``) serves both taps;
+- an all-ones channel appended to the padded input makes one ``addcmul_`` per tap accumulate
+  the numerator and the denominator together.
+
+Backward: see ``docs/bilateral.md``; it uses the same pairing on the padded grid.
 """
 
 from __future__ import annotations
@@ -21,7 +30,11 @@ import threading
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
+
+LOG2E = 1.4426950408889634
+# exp(-d^2 / (2 s^2)) = 2^(-(k d)^2) with k = sqrt(log2(e) / 2) / s: distances are computed on
+# the input scaled by k (per sample), and exp2 is several times faster than exp on CPU.
+_HALF_LOG2E_SQRT = math.sqrt(0.5 * LOG2E)
 
 
 def window_offsets(kernel_size: int, window: str) -> list[tuple[int, int]]:
@@ -33,57 +46,12 @@ def window_offsets(kernel_size: int, window: str) -> list[tuple[int, int]]:
     return taps
 
 
-LOG2E = 1.4426950408889634
+def half_offsets(kernel_size: int, window: str) -> list[tuple[int, int]]:
+    """One offset of each pair ``{o, -o}`` of the window (the centre excluded)."""
+    return [(dy, dx) for dy, dx in window_offsets(kernel_size, window) if dy > 0 or (dy == 0 and dx > 0)]
 
 
-def _tap_weight_into(diff: torch.Tensor, distance: str, neg_a: torch.Tensor | float, neg_s: torch.Tensor | float,
-                     dist: torch.Tensor, wgt: torch.Tensor, keep_diff: bool = True) -> torch.Tensor:
-    """w = 2^(neg_s + neg_a * dist^2), written into ``wgt`` (N x 1 x H x W).
-
-    ``neg_a = -log2(e) / (2 s_c^2)`` and ``neg_s = -log2(e) |offset|^2 / (2 s_s^2)``: exp2 is
-    several times faster than exp on CPU and gives the same weights to float rounding.
-    ``dist`` receives the colour distance (L1) or its square (L2) and is reused by the backward;
-    ``keep_diff=False`` lets the L1 path overwrite ``diff`` with its absolute value.
-    """
-    single = diff.shape[1] == 1
-    if distance == "l1":
-        absd = torch.abs(diff, out=_buffer("absd", diff.shape, diff)) if keep_diff else diff.abs_()
-        if single:
-            dist.copy_(absd)
-        else:
-            torch.sum(absd, 1, keepdim=True, out=dist)
-        a, b = dist, dist
-    else:
-        if single:
-            torch.mul(diff, diff, out=dist)
-        else:
-            torch.sum(diff * diff, 1, keepdim=True, out=dist)
-        a, b = dist, None
-    scalar = not isinstance(neg_a, torch.Tensor) and not isinstance(neg_s, torch.Tensor)
-    if scalar:
-        base = torch.tensor(neg_s, dtype=wgt.dtype, device=wgt.device)
-        if b is None:
-            torch.add(base, a, alpha=neg_a, out=wgt)
-        else:
-            torch.addcmul(base, a, b, value=neg_a, out=wgt)
-    else:
-        torch.mul(a, b, out=wgt) if b is not None else wgt.copy_(a)
-        wgt.mul_(neg_a).add_(neg_s)
-    return wgt.exp2_()
-
-
-def _pad(x: torch.Tensor, r: int) -> torch.Tensor:
-    if r == 0:
-        return x
-    h, w = x.shape[-2:]
-    if r >= h or r >= w:
-        # reflect needs r < size; fall back to repeated reflection by building indices
-        iy = _reflect_index(h, r, x.device)
-        ix = _reflect_index(w, r, x.device)
-        return x.index_select(2, iy).index_select(3, ix)
-    return F.pad(x, (r, r, r, r), mode="reflect")
-
-
+# ------------------------------------------------------------------ reflect-101 padding
 def _reflect_index(n: int, r: int, device: torch.device) -> torch.Tensor:
     """Indices of reflect-101 padding by r (periodic for r >= n), as OpenCV's BORDER_REFLECT_101."""
     idx = torch.arange(-r, n + r, device=device)
@@ -94,8 +62,45 @@ def _reflect_index(n: int, r: int, device: torch.device) -> torch.Tensor:
     return torch.where(idx >= n, period - idx, idx)
 
 
+def _pad_into(x: torch.Tensor, r: int, out: torch.Tensor) -> torch.Tensor:
+    """Write reflect-101 padding of ``x`` by ``r`` into ``out`` (N x C x H+2r x W+2r).
+
+    Slice copies rather than ``F.pad``: the same speed on large tensors, and no thread-pool
+    round trip on small ones (which costs milliseconds on a busy machine).
+    """
+    h, w = x.shape[-2:]
+    if r >= h or r >= w:  # reflection wider than the image: OpenCV reflects periodically
+        iy = _reflect_index(h, r, x.device)
+        ix = _reflect_index(w, r, x.device)
+        return out.copy_(x.index_select(2, iy).index_select(3, ix))
+    out[:, :, r : r + h, r : r + w].copy_(x)
+    for i in range(1, r + 1):
+        out[:, :, r - i, r : r + w].copy_(x[:, :, i])
+        out[:, :, r + h - 1 + i, r : r + w].copy_(x[:, :, h - 1 - i])
+    for j in range(1, r + 1):
+        out[:, :, :, r - j].copy_(out[:, :, :, r + j])
+        out[:, :, :, r + w - 1 + j].copy_(out[:, :, :, r + w - 1 - j])
+    return out
+
+
+def _fold(gpad: torch.Tensor, x_shape: Sequence[int], r: int) -> torch.Tensor:
+    """Adjoint of the padding: add the padded-grid gradient back onto the image (in place on gpad)."""
+    if r == 0:
+        return gpad
+    h, w = x_shape[-2], x_shape[-1]
+    if r >= h or r >= w:
+        return _unpad_grad(gpad, x_shape, r)
+    for j in range(1, r + 1):
+        gpad[:, :, :, r + j].add_(gpad[:, :, :, r - j])
+        gpad[:, :, :, r + w - 1 - j].add_(gpad[:, :, :, r + w - 1 + j])
+    for i in range(1, r + 1):
+        gpad[:, :, r + i, r : r + w].add_(gpad[:, :, r - i, r : r + w])
+        gpad[:, :, r + h - 1 - i, r : r + w].add_(gpad[:, :, r + h - 1 + i, r : r + w])
+    return gpad[:, :, r : r + h, r : r + w]
+
+
 def _unpad_grad(grad_pad: torch.Tensor, x_shape: Sequence[int], r: int) -> torch.Tensor:
-    """Fold the gradient w.r.t. the padded input back onto the unpadded input."""
+    """Fold the gradient w.r.t. the padded input back onto the unpadded input (any r)."""
     if r == 0:
         return grad_pad
     h, w = x_shape[-2], x_shape[-1]
@@ -108,35 +113,7 @@ def _unpad_grad(grad_pad: torch.Tensor, x_shape: Sequence[int], r: int) -> torch
     return out
 
 
-def _params(x: torch.Tensor, sigma_color, sigma_space):
-    """Per-sample (N x 1 x 1 x 1 tensors) or scalar 1/s_c^2 and 1/(2 s_s^2)."""
-    if isinstance(sigma_color, torch.Tensor):
-        inv_sc2 = sigma_color.to(x).view(-1, 1, 1, 1).pow(-2)
-    else:
-        inv_sc2 = 1.0 / (sigma_color * sigma_color)
-    if isinstance(sigma_space, torch.Tensor):
-        inv_2ss2 = sigma_space.to(x).view(-1, 1, 1, 1).pow(-2).mul(0.5)
-    else:
-        inv_2ss2 = 1.0 / (2.0 * sigma_space * sigma_space)
-    return inv_sc2, inv_2ss2
-
-
-# Samples are processed in chunks of about this many elements so that the per-tap passes
-# stay in cache (measured: 16x3x224x224, k=9 runs 2.5x faster in chunks of 4 images).
-CHUNK_ELEMENTS = 1 << 20
-
-
-def _chunks(x: torch.Tensor):
-    per_sample = max(1, x[0].numel())
-    step = max(1, CHUNK_ELEMENTS // per_sample)
-    for start in range(0, x.shape[0], step):
-        yield slice(start, min(start + step, x.shape[0]))
-
-
-def _slice_sigma(sigma, s: slice):
-    return sigma[s] if isinstance(sigma, torch.Tensor) and sigma.dim() > 0 and sigma.numel() > 1 else sigma
-
-
+# ------------------------------------------------------------------ scratch buffers and chunks
 _WORKSPACE = threading.local()
 
 
@@ -144,94 +121,200 @@ def _buffer(name: str, shape: Sequence[int], like: torch.Tensor) -> torch.Tensor
     """A scratch tensor reused across calls (per thread), so the tap loop allocates nothing.
 
     Large CPU allocations are returned to the OS on free and page-faulted back on the next
-    call; reusing them made the forward up to 1.5x faster in fresh processes.
+    call; reusing them made the forward up to 1.5x faster in fresh processes. Buffers are
+    flat and viewed to ``shape``, so one buffer serves every tap's (differently sized) region.
     """
     cache = getattr(_WORKSPACE, "buffers", None)
     if cache is None:
         cache = _WORKSPACE.buffers = {}
-    key = (name, tuple(shape), like.dtype, like.device)
+    numel = math.prod(shape)
+    key = (name, like.dtype, like.device)
     buf = cache.get(key)
-    if buf is None:
+    if buf is None or buf.numel() < numel:
         if len(cache) > 32:
             cache.clear()
-        buf = cache[key] = torch.empty(tuple(shape), dtype=like.dtype, device=like.device)
-    return buf
+        buf = cache[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+    return buf[:numel].view(tuple(shape))
 
 
+def release_buffers() -> None:
+    """Free the scratch buffers kept by this thread (they are rebuilt on the next call)."""
+    _WORKSPACE.buffers = {}
+
+
+# Samples are processed in chunks of about this many input elements (at least one sample) so
+# that the per-tap passes stay in cache. Measured on 2 cores: 256x3x32x32 k=5 and 16x3x224x224
+# k=9 both run fastest with 2^18 (1.2x and 1.7x faster than 2^20, 1.1x / 1.7x than no chunking).
+CHUNK_ELEMENTS = 1 << 18
+
+
+def _chunks(x: torch.Tensor):
+    if x.shape[0] == 1 or x.numel() <= CHUNK_ELEMENTS or x.device.type != "cpu":
+        yield slice(0, x.shape[0])
+        return
+    step = max(1, CHUNK_ELEMENTS // max(1, x[0].numel()))
+    for start in range(0, x.shape[0], step):
+        yield slice(start, min(start + step, x.shape[0]))
+
+
+def _slice_sigma(sigma, s: slice):
+    return sigma[s] if isinstance(sigma, torch.Tensor) and sigma.numel() > 1 else sigma
+
+
+def _scales(x: torch.Tensor, sigma_color, sigma_space):
+    """``k = sqrt(log2(e)/2) / s_c`` and ``log2(e) / (2 s_s^2)``: floats or N x 1 x 1 x 1 tensors."""
+    if isinstance(sigma_color, torch.Tensor):
+        k = sigma_color.to(x).reshape(-1, 1, 1, 1).reciprocal().mul(_HALF_LOG2E_SQRT)
+    else:
+        k = _HALF_LOG2E_SQRT / float(sigma_color)
+    if isinstance(sigma_space, torch.Tensor):
+        s = sigma_space.to(x).reshape(-1, 1, 1, 1).pow(-2).mul(0.5 * LOG2E)
+    else:
+        s = 0.5 * LOG2E / float(sigma_space) ** 2
+    return k, s
+
+
+def _neg_spatial(s, d2: int, like: torch.Tensor) -> torch.Tensor:
+    """``-s * |o|^2`` as a tensor that broadcasts against N x 1 x h x w."""
+    if isinstance(s, torch.Tensor):
+        return s * (-float(d2))
+    return torch.full((), -s * d2, dtype=like.dtype, device=like.device)
+
+
+def _channel_sum(t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Sum over dim 1 (keepdim) without the zero-fill of ``torch.sum(out=)``; returns a view if C == 1."""
+    c = t.shape[1]
+    if c == 1:
+        return t
+    if c > 4:
+        return torch.sum(t, 1, keepdim=True, out=out)
+    torch.add(t[:, 0:1], t[:, 1:2], out=out)
+    for i in range(2, c):
+        out.add_(t[:, i : i + 1])
+    return out
+
+
+def _pair_weight(xs, r, dy, dx, h, w, l1, neg_s, like, keep_abs: bool):
+    """Weight map of the pairs ``(u, u + o)`` over the padded positions both taps ``+o``/``-o`` need.
+
+    ``xs`` is the padded input scaled by ``k``. Returns ``(wgt, diff, dist)`` on the region of
+    ``(h + |dy|) x (w + |dx|)`` starting positions; ``diff = xs[u + o] - xs[u]`` and ``dist`` is
+    the scaled L1 distance (L1) or the squared scaled L2 distance (L2).
+    """
+    n, c = xs.shape[:2]
+    he, we = h + abs(dy), w + abs(dx)
+    r0, c0 = r - max(0, dy), r - max(0, dx)
+    base = xs[:, :, r0 : r0 + he, c0 : c0 + we]
+    shifted = xs[:, :, r0 + dy : r0 + dy + he, c0 + dx : c0 + dx + we]
+    diff = _buffer("diff", (n, c, he, we), like)
+    torch.sub(shifted, base, out=diff)
+    dist_buf = _buffer("dist", (n, 1, he, we), like)
+    wgt = _buffer("wgt", (n, 1, he, we), like)
+    if l1:
+        if keep_abs:
+            absd = torch.abs(diff, out=_buffer("absd", diff.shape, like))
+        else:
+            absd = diff.abs_()
+        dist = _channel_sum(absd, dist_buf)
+        torch.addcmul(neg_s, dist, dist, value=-1.0, out=wgt)
+    else:
+        sq = torch.mul(diff, diff, out=_buffer("absd", diff.shape, like)) if keep_abs else diff.mul_(diff)
+        dist = _channel_sum(sq, dist_buf)
+        torch.sub(neg_s, dist, out=wgt)
+    wgt.exp2_()
+    return wgt, diff, dist
+
+
+# ------------------------------------------------------------------ forward
 def bilateral_forward_torch(x, kernel_size, sigma_color, sigma_space, distance, window):
-    """Returns ``(out, inv_den)``; no autograd graph through the taps."""
+    """Returns ``(out, inv_den)`` (``1/D``, N x 1 x H x W); builds no autograd graph."""
+    x = x.contiguous()
     out = torch.empty_like(x)
     inv_den = torch.empty(x.shape[0], 1, *x.shape[2:], dtype=x.dtype, device=x.device)
-    if x.shape[0] > 1 and x.numel() > CHUNK_ELEMENTS:
-        for s in _chunks(x):
-            _forward(x[s], kernel_size, _slice_sigma(sigma_color, s), _slice_sigma(sigma_space, s), distance, window, out[s], inv_den[s])
-    else:
-        _forward(x, kernel_size, sigma_color, sigma_space, distance, window, out, inv_den)
+    for s in _chunks(x):
+        _forward(x[s], kernel_size, _slice_sigma(sigma_color, s), _slice_sigma(sigma_space, s), distance, window, out[s], inv_den[s])
     return out, inv_den
 
 
-def _forward(x, kernel_size, sigma_color, sigma_space, distance, window, num, den):
-    """Accumulate into ``num`` (becomes out) and ``den`` (becomes 1/D), both views to fill."""
+def _forward(x, kernel_size, sigma_color, sigma_space, distance, window, out, inv_den):
+    n, c, h, w = x.shape
     r = kernel_size // 2
-    inv_sc2, inv_2ss2 = _params(x, sigma_color, sigma_space)
-    xp = _pad(x, r)
-    h, w = x.shape[-2:]
-    num.zero_()
-    den.zero_()
-    diff = _buffer("diff", x.shape, x)
-    dist, wgt = _buffer("dist", den.shape, x), _buffer("wgt", den.shape, x)
-    neg_a = -0.5 * LOG2E * inv_sc2
-    for dy, dx in window_offsets(kernel_size, window):
-        nb = xp[:, :, r + dy : r + dy + h, r + dx : r + dx + w]
-        torch.sub(nb, x, out=diff)
-        _tap_weight_into(diff, distance, neg_a, -LOG2E * (dy * dy + dx * dx) * inv_2ss2, dist, wgt, keep_diff=False)
-        num.addcmul_(wgt, nb)
-        den.add_(wgt)
-    den.reciprocal_()
-    num.mul_(den)
+    k, s = _scales(x, sigma_color, sigma_space)
+    # padded input plus an all-ones channel: w * [x_q, 1] accumulates numerator and denominator
+    xp = _buffer("xp", (n, c + 1, h + 2 * r, w + 2 * r), x)
+    _pad_into(x, r, xp[:, :c])
+    xp[:, c].fill_(1.0)
+    xs = torch.mul(xp[:, :c], k, out=_buffer("xs", (n, c, h + 2 * r, w + 2 * r), x))
+    acc = _buffer("acc", (n, c + 1, h, w), x)
+    acc.copy_(xp[:, :, r : r + h, r : r + w])  # the centre tap has weight 1
+    l1 = distance == "l1"
+    for dy, dx in half_offsets(kernel_size, window):
+        wgt, _, _ = _pair_weight(xs, r, dy, dx, h, w, l1, _neg_spatial(s, dy * dy + dx * dx, x), x, keep_abs=False)
+        ay, ax, by, bx = max(0, dy), max(0, dx), max(0, -dy), max(0, -dx)
+        acc.addcmul_(wgt[:, :, ay : ay + h, ax : ax + w], xp[:, :, r + dy : r + dy + h, r + dx : r + dx + w])
+        acc.addcmul_(wgt[:, :, by : by + h, bx : bx + w], xp[:, :, r - dy : r - dy + h, r - dx : r - dx + w])
+    torch.reciprocal(acc[:, c:], out=inv_den)
+    torch.mul(acc[:, :c], inv_den, out=out)
 
 
+# ------------------------------------------------------------------ backward
 def bilateral_backward_torch(grad_out, x, out, inv_den, kernel_size, sigma_color, sigma_space, distance, window):
     """Exact gradient w.r.t. ``x`` (weights depend on both the centre and the neighbour)."""
-    if x.shape[0] > 1 and x.numel() > CHUNK_ELEMENTS:
-        grad = torch.empty_like(x)
-        for s in _chunks(x):
-            grad[s] = _backward(grad_out[s], x[s], out[s], inv_den[s], kernel_size,
-                                _slice_sigma(sigma_color, s), _slice_sigma(sigma_space, s), distance, window)
-        return grad
-    return _backward(grad_out, x, out, inv_den, kernel_size, sigma_color, sigma_space, distance, window)
+    grad = torch.empty_like(x)
+    for s in _chunks(x):
+        grad[s] = _backward(grad_out[s], x[s], out[s], inv_den[s], kernel_size,
+                            _slice_sigma(sigma_color, s), _slice_sigma(sigma_space, s), distance, window)
+    return grad
 
 
 def _backward(grad_out, x, out, inv_den, kernel_size, sigma_color, sigma_space, distance, window):
+    """Pairs ``(u, v = u + o)`` on the padded grid, with G and b zero outside the image.
+
+    With ``S_uv = sum_c G_u x_v - b_u`` (zero unless u is an image pixel), ``c_uv`` the weight's
+    log-derivative factor (``(x_v - x_u)/s_c^2`` for L2, ``dist sign(x_v - x_u)/s_c^2`` for L1;
+    ``c_vu = -c_uv``) and ``T = w (S_uv + S_vu)``, the pair adds
+
+        gpad[u] += w G_v + c_uv T,     gpad[v] += w G_u - c_uv T,
+
+    which covers u as centre / v as neighbour and the reverse. The centre tap adds G.
+    """
+    n, c, h, w = x.shape
     r = kernel_size // 2
-    inv_sc2, inv_2ss2 = _params(x, sigma_color, sigma_space)
-    xp = _pad(x, r)
-    h, w = x.shape[-2:]
-    G = grad_out * inv_den  # g_p / D_p
-    b = (G * out).sum(1, keepdim=True)  # sum_c G_p out_p
-    grad_centre = torch.zeros_like(x)
-    grad_pad = _buffer("grad_pad", xp.shape, x).zero_()
-    diff, prod, coef = (_buffer(n, x.shape, x) for n in ("diff", "prod", "coef"))
-    dist, wgt, S = (_buffer(n, b.shape, x) for n in ("dist", "wgt", "S"))
-    neg_a = -0.5 * LOG2E * inv_sc2
-    for dy, dx in window_offsets(kernel_size, window):
-        nb = xp[:, :, r + dy : r + dy + h, r + dx : r + dx + w]
-        torch.sub(nb, x, out=diff)
-        _tap_weight_into(diff, distance, neg_a, -LOG2E * (dy * dy + dx * dx) * inv_2ss2, dist, wgt)
-        # S_pq = sum_c G_p (x_q - out_p) = d(loss)/d(w_pq)
-        torch.mul(G, nb, out=prod)
-        torch.sum(prod, 1, keepdim=True, out=S) if x.shape[1] > 1 else S.copy_(prod)
-        S.sub_(b).mul_(wgt).mul_(inv_sc2)
-        # d w_pq / d x_q = -w_pq * coef, d w_pq / d x_p = +w_pq * coef
-        if distance == "l1":
-            torch.sign(diff, out=coef).mul_(dist)
-        else:
-            coef.copy_(diff)
-        coef.mul_(S)
-        grad_centre.add_(coef)
-        gslice = grad_pad[:, :, r + dy : r + dy + h, r + dx : r + dx + w]
-        gslice.addcmul_(wgt, G).sub_(coef)
-    return grad_centre + _unpad_grad(grad_pad, x.shape, r)
+    hp, wp = h + 2 * r, w + 2 * r
+    k, s = _scales(x, sigma_color, sigma_space)
+    xp = _buffer("bxp", (n, c + 1, hp, wp), x)  # [x, 1] padded
+    _pad_into(x, r, xp[:, :c])
+    xp[:, c].fill_(1.0)
+    xs = torch.mul(xp[:, :c], k, out=_buffer("bxs", (n, c, hp, wp), x))
+    gb = _buffer("gb", (n, c + 1, hp, wp), x).zero_()  # [G, -b], zero outside the image
+    G = gb[:, :c, r : r + h, r : r + w]
+    torch.mul(grad_out, inv_den, out=G)
+    bneg = gb[:, c:, r : r + h, r : r + w]
+    b = _channel_sum(torch.mul(G, out, out=_buffer("gout", G.shape, x)), bneg)
+    torch.neg(b, out=bneg)
+    gpad = _buffer("gpad", (n, c, hp, wp), x).zero_()
+    gpad[:, :, r : r + h, r : r + w].copy_(G)  # centre tap: w = 1, no weight derivative
+    # c_uv = coef_s / (k s_c^2) with coef_s computed on the scaled input: fold the factor into T
+    factor = k * (2.0 / LOG2E)  # 1 / (k s_c^2) = 2 k / log2(e)
+    l1 = distance == "l1"
+    for dy, dx in half_offsets(kernel_size, window):
+        wgt, diff, dist = _pair_weight(xs, r, dy, dx, h, w, l1, _neg_spatial(s, dy * dy + dx * dx, x), x, keep_abs=True)
+        he, we = wgt.shape[-2:]
+        r0, c0 = r - max(0, dy), r - max(0, dx)
+        U = (slice(None), slice(None), slice(r0, r0 + he), slice(c0, c0 + we))
+        V = (slice(None), slice(None), slice(r0 + dy, r0 + dy + he), slice(c0 + dx, c0 + dx + we))
+        prod = _buffer("prod", (n, c + 1, he, we), x)
+        s_uv = _buffer("s_uv", (n, 1, he, we), x)
+        s_vu = _buffer("s_vu", (n, 1, he, we), x)
+        _channel_sum(torch.mul(gb[U], xp[V], out=prod), s_uv)
+        _channel_sum(torch.mul(gb[V], xp[U], out=prod), s_vu)
+        t = s_uv.add_(s_vu).mul_(wgt).mul_(factor)
+        coef = torch.sign(diff, out=diff).mul_(dist) if l1 else diff
+        coef.mul_(t)
+        gu, gv = gpad[U], gpad[V]
+        gu.addcmul_(wgt, gb[V][:, :c]).add_(coef)
+        gv.addcmul_(wgt, gb[U][:, :c]).sub_(coef)
+    return _fold(gpad, x.shape, r)
 
 
 class _BilateralTorch(torch.autograd.Function):
@@ -245,7 +328,7 @@ class _BilateralTorch(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, out, inv_den = ctx.saved_tensors
-        grad = bilateral_backward_torch(grad_out.contiguous(), x, out, inv_den, *ctx.cfg)
+        grad = bilateral_backward_torch(grad_out.contiguous(), x.contiguous(), out, inv_den, *ctx.cfg)
         return grad, None, None, None, None, None
 
 
