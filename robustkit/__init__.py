@@ -9,6 +9,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from . import attacks, data, defenses, kernels, models  # noqa: F401  (registers plug-ins)
+from .models import robustbench_zoo  # noqa: F401,E402  (registers the 'robustbench' model)
 from .base import (
     BackdoorAttack,
     DataFilter,

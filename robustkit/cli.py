@@ -69,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     ev.add_argument("config", help="path to a YAML config with an evaluate step")
     _add_run_options(ev)
+    ev.add_argument("--robustbench-model", metavar="NAME",
+                    help="evaluate a RobustBench zoo model (e.g. Standard) instead of the config's model")
+    ev.add_argument("--model-dir", default="models",
+                    help="RobustBench model folder: <dir>/<dataset>/<threat model>/<NAME>.pt (read offline)")
+    ev.add_argument("--threat-model", default="Linf", help="RobustBench threat model of the checkpoint (Linf, L2)")
     lst = sub.add_parser("list", help="list registered components and their parameters",
                          description="List what can be named in a config: datasets, models, preprocessors, attacks, steps, ...")
     lst.add_argument("kind", nargs="?", help="one registry: " + ", ".join(_registry_names()))
@@ -152,6 +157,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .pipeline import load_config
 
             needed = "train" if args.command == "train" else "evaluate"
+            if getattr(args, "robustbench_model", None):
+                args.overrides = [f"model={{name: robustbench, model_name: {args.robustbench_model}, "
+                                  f"model_dir: '{args.model_dir}', threat_model: {args.threat_model}}}", *args.overrides]
             if not any(needed in step for step in load_config(args.config)["steps"]):
                 raise ConfigError(f"has no '{needed}' step; use `robustkit run` for other pipelines", "steps")
             return _run(args.config, args)

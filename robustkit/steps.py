@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigError
+from .io import atomic_write_json
 from .eval.metrics import robust_accuracy
 from .eval.plots import accuracy_bars, training_curves
 from .pipeline import Context
@@ -212,10 +213,45 @@ def evaluate(
              "gradient = exact, or BPDA (identity backward) through non-differentiable preprocessors.",
     )
     if ctx.is_main:
+        for label, _ in _defense_list(defenses, "evaluate.defenses"):
+            path = ctx.out_dir / f"robustbench_{_slug(label)}.json"
+            atomic_write_json(path, robustbench_entry(label, rows, ctx.config, x.shape[0]))
+            ctx.report.metrics[f"{label}/robustbench_json"] = path.name
         if eps and len(radii) > 1:
             ctx.report.figures.append(robust_vs_eps(plot_rows, ctx.out_dir / "robust_vs_eps.png").name)
         else:
             ctx.report.figures.append(accuracy_bars(plot_rows, ctx.out_dir / "accuracy.png").name)
+
+
+def _slug(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in label)
+
+
+def robustbench_entry(label: str, rows: list[dict[str, Any]], config: dict[str, Any], n: int) -> dict[str, Any]:
+    """One defense's results in RobustBench's model-info format (accuracies as percent strings).
+
+    ``autoattack_acc`` is the lowest robust accuracy among AutoAttack rows at the largest
+    evaluated radius (empty when AutoAttack was not run); ``robustkit`` keeps every row.
+    """
+    mine = [r for r in rows if r["defense"] == label]
+    clean = next(r["accuracy"] for r in mine if r["attack"] == "clean")
+    attacked = [r for r in mine if r["attack"] != "clean"]
+    aa = [r for r in attacked if "AutoAttack" in r["attack"] or r["attack"].lower().startswith("autoattack")]
+    eps = max((r["eps"] for r in attacked), default=None)
+    norm = next((r["norm"] for r in attacked), "linf")
+    aa_at_eps = [r["accuracy"] for r in aa if r["eps"] == eps]
+    worst = min((r["accuracy"] for r in attacked if r["eps"] == eps and r["adaptive"] is not False), default=None)
+    return {
+        "link": "", "name": label, "authors": "", "additional_data": False,
+        "number_forward_passes": 1, "dataset": config.get("data", {}).get("name", ""),
+        "venue": "", "architecture": config.get("model", {}).get("name", ""),
+        "eps": None if eps is None else _eps_label(eps, norm), "threat_model": {"linf": "Linf", "l2": "L2"}.get(norm, norm),
+        "clean_acc": f"{100 * clean:.2f}", "reported": "",
+        "autoattack_acc": f"{100 * min(aa_at_eps):.2f}" if aa_at_eps else "",
+        "worst_adaptive_acc": "" if worst is None else f"{100 * worst:.2f}",
+        "footnote": f"Evaluated with robustkit on {n} test images.",
+        "robustkit": {"rows": mine},
+    }
 
 
 def _validate_evaluate(params: dict[str, Any], path: str) -> None:

@@ -188,3 +188,29 @@ def test_cli_train_backdoor_pipeline(tmp_path, capsys):
     path.write_text(yaml.safe_dump(cfg))
     assert main(["train", str(path)]) == 2
     assert "has no 'train' step" in capsys.readouterr().err
+
+
+def test_evaluate_writes_robustbench_json_and_eps_sweep(tmp_path):
+    cfg = tiny_config(tmp_path)
+    cfg["steps"][1]["evaluate"].update(
+        eps=["8/255", "16/255"],
+        attacks=[{"name": "pgd", "steps": 2}, {"name": "autoattack", "version": "custom", "attacks": ["apgd-ce"], "n_iter": 3}],
+        n_samples=32,
+    )
+    cfg["steps"] = cfg["steps"][:2]
+    robustkit.run(cfg, progress=False, log=None)
+    out = tmp_path / "out"
+    entry = json.loads((out / "robustbench_undefended.json").read_text())
+    assert entry["eps"] == "16/255" and entry["threat_model"] == "Linf"
+    assert float(entry["clean_acc"]) >= float(entry["autoattack_acc"]) >= 0
+    assert len(entry["robustkit"]["rows"]) == 1 + 2 * 2
+    assert (out / "robust_vs_eps.png").is_file() and json.loads((out / "robustbench_noise.json").read_text())["name"] == "noise"
+
+
+def test_cli_eval_robustbench_model_missing(tmp_path, capsys):
+    cfg = {"name": "rb", "device": "cpu", "data": {"name": "digits", "size": 32, "channels": 3},
+           "steps": [{"evaluate": {"n_samples": 8}}]}
+    path = tmp_path / "rb.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["eval", str(path), "--robustbench-model", "Standard", "--model-dir", str(tmp_path / "zoo"), "--out", str(tmp_path / "o")]) == 2
+    assert "RobustBench checkpoint not found" in capsys.readouterr().err
