@@ -75,3 +75,27 @@ def test_upstream_shim_lets_robustbench_import(trained_cnn, digits_test_tensors,
     import robustbench.eval  # imports `autoattack` and `autoattack.state`
 
     assert callable(robustbench.eval.benchmark)
+
+
+@pytest.mark.slow
+def test_robustbench_benchmark_runs_on_a_defended_model(monkeypatch):
+    """robustbench.eval.benchmark (AutoAttack 'standard' inside) runs unchanged on a wrapped model.
+
+    CIFAR-10 cannot be downloaded here, so robustbench's loader is replaced by 3-channel digits;
+    everything after it (the AutoAttack calls through the shim, the accuracy) is robustbench's own.
+    """
+    install_upstream_shim()
+    import robustbench.eval as rbe
+    from robustkit.data import digits, to_tensors
+    from robustkit.models import SmallCNN
+
+    data = digits(size=32, channels=3)
+    torch.manual_seed(0)
+    net = SmallCNN(in_channels=3, num_classes=10, width=8)
+    robustkit.train_classifier(net, data.train, epochs=2, progress=False)
+    x, y = to_tensors(data.test, max_samples=8)
+    monkeypatch.setattr(rbe, "load_clean_dataset", lambda *a, **k: (x, y))
+    defended = robustkit.wrap(net, "bilateral").eval()
+    clean, robust = rbe.benchmark(defended, n_examples=8, dataset="cifar10", threat_model="Linf", eps=8 / 255,
+                                  device=torch.device("cpu"), batch_size=8)
+    assert 0 <= robust <= clean <= 1
