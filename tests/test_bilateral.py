@@ -129,11 +129,64 @@ def test_backward_memory_is_linear_in_pixels():
     assert sum(saved) <= 2 * x.numel() + x.numel() // 3 + 1
 
 
+def test_cpu_workspace_does_not_grow_with_window_area():
+    """The tap loop keeps O(N*C*H*W) scratch (padded copies, accumulators): no K^2 factor as with unfold."""
+    from robustkit.kernels import bilateral_cpu
+
+    x = torch.rand(4, 3, 32, 32, requires_grad=True)
+    sizes = {}
+    for k in (3, 9):
+        bilateral_cpu.release_buffers()
+        bilateral_filter(x, k, 0.1, 2.0, window="square").sum().backward()
+        sizes[k] = sum(b.numel() for b in bilateral_cpu._WORKSPACE.buffers.values())
+    assert sizes[9] < 1.5 * sizes[3], sizes  # 81 taps vs 9: only the padding grows
+    assert sizes[9] < 16 * x.numel(), sizes
+
+
+def naive_bilateral(x, k, sc, ss, distance="l1", window="circle"):
+    """Textbook reference (unfold, K^2 memory, autograd): tiny inputs only."""
+    r = k // 2
+    n, c, h, w = x.shape
+    taps = torch.nn.functional.unfold(torch.nn.functional.pad(x, (r, r, r, r), mode="reflect"), k)
+    taps = taps.view(n, c, k * k, h, w)
+    diff = taps - x.unsqueeze(2)
+    dist2 = diff.abs().sum(1).square() if distance == "l1" else diff.square().sum(1)
+    dy, dx = torch.meshgrid(torch.arange(-r, r + 1), torch.arange(-r, r + 1), indexing="ij")
+    d2 = (dy.square() + dx.square()).reshape(-1, 1, 1).to(x)
+    wgt = torch.exp(-d2 / (2 * ss**2) - dist2 / (2 * sc**2))
+    if window == "circle":
+        wgt = wgt * (d2 <= r * r)
+    return (wgt.unsqueeze(1) * taps).sum(2) / wgt.sum(1, keepdim=True)
+
+
+@pytest.mark.parametrize("distance", ["l1", "l2"])
+def test_gradient_matches_autograd_reference_also_at_ties(distance):
+    """Against autograd through a textbook implementation, on images full of ties
+    (constant regions, quantized values), where L1 uses sign(0) = 0 like torch's abs."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.cat([torch.full((1, 3, 7, 8), 0.5, dtype=torch.float64),
+                   torch.randint(0, 3, (1, 3, 7, 8), generator=g).double() / 2,
+                   torch.rand(1, 3, 7, 8, generator=g, dtype=torch.float64)])
+    up = torch.rand(x.shape, generator=g, dtype=torch.float64)
+    for window in ("circle", "square"):
+        a = x.clone().requires_grad_()
+        out = bilateral_filter(a, 5, 0.4, 1.5, distance, window)
+        (ga,) = torch.autograd.grad(out, a, up)
+        b = x.clone().requires_grad_()
+        ref = naive_bilateral(b, 5, 0.4, 1.5, distance, window)
+        (gb,) = torch.autograd.grad(ref, b, up)
+        assert torch.allclose(out, ref, atol=1e-12)
+        assert torch.isfinite(ga).all() and torch.allclose(ga, gb, atol=1e-10), float((ga - gb).abs().max())
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
         ({"kernel_size": 4}, "odd integer"),
         ({"kernel_size": 0}, "odd integer"),
+        ({"kernel_size": 5.0}, "odd integer"),
+        ({"sigma_space": torch.tensor([1.0, 2.0], device="meta")}, "one device"),
+        ({"sigma_space": float("nan")}, "sigma_space"),
         ({"sigma_color": 0.0}, "sigma_color"),
         ({"sigma_space": -1.0}, "sigma_space"),
         ({"sigma_color": torch.tensor([0.1, 0.2, 0.3])}, "per-sample"),
@@ -154,6 +207,10 @@ def test_rejects_bad_arguments(kwargs, match):
 def test_rejects_bad_tensors():
     with pytest.raises(InputError, match="N x C x H x W"):
         bilateral_filter(torch.rand(3, 8, 8))
+    with pytest.raises(InputError, match="torch.Tensor"):
+        bilateral_filter(np.zeros((1, 1, 4, 4), np.float32))
+    with pytest.raises(InputError, match="empty"):
+        bilateral_filter(torch.rand(0, 3, 4, 4))
     with pytest.raises(InputError, match="floating-point"):
         bilateral_filter(torch.zeros(1, 1, 4, 4, dtype=torch.uint8))
     with pytest.raises(InputError, match="CUDA only"):
@@ -169,19 +226,47 @@ TRITON_SCRIPT = textwrap.dedent(
     """
     import torch
     from robustkit.kernels import bilateral_filter
-    from robustkit.kernels.bilateral_cpu import bilateral_filter_torch
+    from robustkit.kernels import bilateral_triton as bt
+
     torch.manual_seed(0)
-    for distance in ("l1", "l2"):
-        for window in ("circle", "square"):
-            x = torch.rand(2, 3, 5, 6)
-            sc = torch.tensor([0.2, 0.4])
-            a = bilateral_filter(x, 5, sc, 1.3, distance, window, backend="triton")
-            b = bilateral_filter(x, 5, sc, 1.3, distance, window, backend="torch")
-            assert torch.allclose(a, b, atol=1e-5), (distance, window, float((a - b).abs().max()))
-            if (distance, window) in (("l1", "circle"), ("l2", "square")):
-                xd = torch.rand(1, 2, 4, 5, dtype=torch.float64, requires_grad=True)
-                f = lambda t: bilateral_filter(t, 3, 0.3, 1.0, distance, window, backend="triton")
-                assert torch.autograd.gradcheck(f, (xd,))
+    # forward and vector-Jacobian product agree with the (gradchecked) PyTorch path
+    for distance, window, k in (("l1", "circle", 5), ("l1", "square", 3), ("l2", "circle", 3), ("l2", "square", 3)):
+        x = torch.rand(2, 3, 5, 6, dtype=torch.float64, requires_grad=True)
+        sc = torch.tensor([0.2, 0.4], dtype=torch.float64)
+        a = bilateral_filter(x, k, sc, 1.3, distance, window, backend="triton")
+        b = bilateral_filter(x, k, sc, 1.3, distance, window, backend="torch")
+        assert torch.allclose(a, b, atol=1e-10), (distance, window, float((a - b).abs().max()))
+        g = torch.rand_like(a)
+        (ga,) = torch.autograd.grad(a, x, g)
+        (gb,) = torch.autograd.grad(b, x, g)
+        assert torch.allclose(ga, gb, atol=1e-9), (distance, window, float((ga - gb).abs().max()))
+    # float32 and half (computed in float32), eager inference path (no custom-op dispatch)
+    x = torch.rand(2, 3, 5, 6)
+    ref = bilateral_filter(x, 3, 0.2, 1.3, backend="torch")
+    assert torch.allclose(bilateral_filter(x, 3, 0.2, 1.3, backend="triton"), ref, atol=1e-5)
+    half = bilateral_filter(x.half(), 3, 0.2, 1.3, backend="triton")
+    assert half.dtype == torch.float16 and torch.allclose(half.float(), ref, atol=2e-3)
+    # a radius wider than the image falls back to the PyTorch path (periodic reflect-101)
+    tiny = torch.rand(1, 1, 2, 3)
+    assert torch.allclose(bilateral_filter(tiny, 5, 0.2, 1.3, backend="triton"), bilateral_filter(tiny, 5, 0.2, 1.3, backend="torch"))
+    # exact gradient of the Triton op itself
+    xd = torch.rand(1, 2, 3, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: bilateral_filter(t, 3, 0.3, 1.0, "l1", "circle", backend="triton"), (xd,))
+    assert torch.autograd.gradcheck(
+        lambda t: bilateral_filter(t, 3, 0.3, 1.0, "l2", "square", iterations=2, backend="triton"), (xd,), fast_mode=True)
+    # registered ops: schema, fake (meta) implementation, autograd registration
+    x = torch.rand(2, 3, 6, 6)
+    isc2, i2ss2 = torch.full((2,), 25.0), torch.full((2,), 0.2)
+    torch.library.opcheck(bt.bilateral_fwd, (x, 2, isc2, i2ss2, True, True))
+    out, inv_den = bt.bilateral_fwd(x, 2, isc2, i2ss2, True, True)
+    torch.library.opcheck(bt.bilateral_bwd, (torch.rand_like(x), x, out, inv_den, 2, isc2, i2ss2, True, True))
+    # torch.compile traces one op (fullgraph: no graph break), forward and backward
+    f = torch.compile(lambda t: bilateral_filter(t, 5, 0.1, 1.5, backend="triton").square().sum(), backend="aot_eager", fullgraph=True)
+    xc = x.clone().requires_grad_()
+    f(xc).backward()
+    xr = x.clone().requires_grad_()
+    bilateral_filter(xr, 5, 0.1, 1.5, backend="torch").square().sum().backward()
+    assert torch.allclose(xc.grad, xr.grad, atol=1e-5), float((xc.grad - xr.grad).abs().max())
     print("TRITON-INTERPRET-OK")
     """
 )

@@ -20,12 +20,12 @@ def _check_sigma(sigma: float | torch.Tensor, name: str, x: torch.Tensor) -> flo
             sigma = sigma.reshape(1)
         if sigma.dim() != 1 or sigma.shape[0] not in (1, x.shape[0]):
             raise InputError(f"{name} must be a number or a 1-D tensor of {x.shape[0]} per-sample values, got shape {tuple(sigma.shape)}")
-        if sigma.is_floating_point() is False:
-            sigma = sigma.float()
-        if not bool(torch.isfinite(sigma).all()) or bool((sigma <= 0).any()):
-            raise InputError(f"{name} values must be finite and > 0")
         if sigma.device != x.device:
-            raise InputError(f"{name} is on {sigma.device} but x is on {x.device}")
+            raise InputError(f"{name} is on {sigma.device} but x is on {x.device}; put them on one device")
+        if not sigma.is_floating_point():
+            sigma = sigma.double()
+        if not bool(torch.isfinite(sigma).all()) or bool((sigma <= 0).any()):
+            raise InputError(f"{name} values must be finite and > 0, got min {float(sigma.min()):.4g}")
         if sigma.shape[0] == 1:
             return float(sigma.item())
         return sigma.detach()
@@ -82,7 +82,7 @@ def bilateral_filter(
         raise InputError(f"x must have shape N x C x H x W, got {tuple(x.shape)}")
     if x.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         raise InputError(f"x must be a floating-point tensor (float32/float64, or half on CUDA), got {x.dtype}")
-    if x.dtype in (torch.float16, torch.bfloat16) and x.device.type != "cuda":
+    if x.dtype in (torch.float16, torch.bfloat16) and x.device.type != "cuda" and not (backend == "triton" and _interpreting()):
         raise InputError(f"{x.dtype} is supported on CUDA only; use float32 on {x.device.type}")
     if x.numel() == 0:
         raise InputError(f"x is empty: shape {tuple(x.shape)}")

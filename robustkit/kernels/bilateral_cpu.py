@@ -282,10 +282,10 @@ def _backward(grad_out, x, out, inv_den, kernel_size, sigma_color, sigma_space, 
     r = kernel_size // 2
     hp, wp = h + 2 * r, w + 2 * r
     k, s = _scales(x, sigma_color, sigma_space)
-    xp = _buffer("bxp", (n, c + 1, hp, wp), x)  # [x, 1] padded
+    xp = _buffer("xp", (n, c + 1, hp, wp), x)  # [x, 1] padded (the forward's buffers are free now)
     _pad_into(x, r, xp[:, :c])
     xp[:, c].fill_(1.0)
-    xs = torch.mul(xp[:, :c], k, out=_buffer("bxs", (n, c, hp, wp), x))
+    xs = torch.mul(xp[:, :c], k, out=_buffer("xs", (n, c, hp, wp), x))
     gb = _buffer("gb", (n, c + 1, hp, wp), x).zero_()  # [G, -b], zero outside the image
     G = gb[:, :c, r : r + h, r : r + w]
     torch.mul(grad_out, inv_den, out=G)
