@@ -1,9 +1,14 @@
-"""Models taking [0, 1] images with normalization inside; registered by name."""
+"""Models taking [0, 1] images with their normalization inside; importing registers them.
 
-from .loaders import load_checkpoint, save_checkpoint, torchvision_model
+Registered names (:data:`robustkit.registry.MODELS`): ``small_cnn``, ``preact_resnet18``,
+``small_vit``, ``torchvision``.
+"""
+
+from .loaders import load_checkpoint, read_checkpoint, save_checkpoint, torchvision_model
 from .normalization import Normalize
 from .preact_resnet import PreActBlock, PreActResNet18
 from .small_cnn import SmallCNN
+from .utils import count_parameters, get_classifier
 from .vit import Attention, SmallViT
 
 __all__ = [
@@ -15,5 +20,8 @@ __all__ = [
     "Attention",
     "save_checkpoint",
     "load_checkpoint",
+    "read_checkpoint",
     "torchvision_model",
+    "get_classifier",
+    "count_parameters",
 ]

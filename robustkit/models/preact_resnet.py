@@ -1,8 +1,17 @@
-"""PreActResNet18 (He, Zhang, Ren, Sun, "Identity Mappings in Deep Residual Networks", ECCV 2016),
-the CIFAR-10 version used by BackdoorBench and FT-SAM.
+"""PreActResNet18: He, Zhang, Ren, Sun, "Identity Mappings in Deep Residual Networks", ECCV 2016.
 
-Every block calls ``self.shortcut`` as a module (``nn.Identity`` when no projection is needed) so
-a forward hook on ``layerK[i].shortcut`` can scale the skip branch (skip-connection suppression).
+The CIFAR-10 variant used by BackdoorBench (Wu et al., NeurIPS 2022 Datasets and Benchmarks)
+and FT-SAM (Zhu et al., "Enhancing Fine-Tuning Based Backdoor Defense with Sharpness-Aware
+Minimization", ICCV 2023): 3x3 stem conv, four stages of two :class:`PreActBlock`, adaptive
+average pooling and ``linear``. As in BackdoorBench there is no final BN-ReLU before the
+pooling, so parameter names match theirs (``conv1``, ``layerK.i.bn1`` ..., ``shortcut.0``,
+``linear``); only our ``normalize.mean/std`` buffers are extra, so a BackdoorBench state
+dict loads with ``model.load_state_dict(sd, strict=False)``.
+
+Every block calls ``self.shortcut`` as a module - ``nn.Identity`` when no projection is
+needed - so a forward hook on ``layerK[i].shortcut`` sees (and may replace) the skip branch,
+e.g. to scale it as in skip-connection suppression (Yang et al., "Backdoor Defense via
+Suppressing Model Shortcuts", ICASSP 2023).
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InputError
 from ..registry import MODELS
 from .normalization import Normalize, default_stats
 
@@ -21,7 +31,13 @@ CIFAR10_STD = (0.2471, 0.2435, 0.2616)
 
 
 class PreActBlock(nn.Module):
-    """out = conv2(relu(bn2(conv1(relu(bn1(x)))))) + shortcut(x or relu(bn1(x)))."""
+    """Pre-activation basic block.
+
+    ``pre = relu(bn1(x))``; ``out = residual(pre) + shortcut(pre if projecting else x)`` with
+    ``residual(pre) = conv2(relu(bn2(conv1(pre))))``. ``shortcut`` is a 1x1 convolution (in
+    an ``nn.Sequential``, as in BackdoorBench) when the stride or the width changes, else
+    ``nn.Identity``; it is always called as a module so its forward hooks fire.
+    """
 
     expansion = 1
 
@@ -37,17 +53,24 @@ class PreActBlock(nn.Module):
         )
 
     def residual(self, pre: torch.Tensor) -> torch.Tensor:
+        """The residual branch applied to the pre-activated input ``relu(bn1(x))``."""
         return self.conv2(F.relu(self.bn2(self.conv1(pre))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pre = F.relu(self.bn1(x))
         skip = self.shortcut(pre if self.projects else x)
-        return self.residual(pre) + skip
+        out = self.residual(pre) + skip
+        return out
 
 
 @MODELS.register("preact_resnet18")
 class PreActResNet18(nn.Module):
-    """PreActResNet18 for 32x32 inputs (any size works: global average pooling at the end)."""
+    """PreActResNet18 for 32x32 inputs (other sizes work too: the pooling is adaptive).
+
+    Normalization is the first layer: CIFAR-10 statistics by default on 3 channels, 0.5 / 0.5
+    otherwise. ``features(x)`` returns the pooled 512-d penultimate features (the input of
+    ``linear``, also returned by ``get_classifier()``).
+    """
 
     def __init__(
         self,
@@ -57,6 +80,9 @@ class PreActResNet18(nn.Module):
         std: Sequence[float] | None = None,
     ):
         super().__init__()
+        for key, value in (("in_channels", in_channels), ("num_classes", num_classes)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError(f"{key} must be a positive integer, got {value!r}")
         if mean is None and std is None and in_channels == 3:
             mean, std = CIFAR10_MEAN, CIFAR10_STD
         mean, std = default_stats(in_channels, mean, std)
@@ -68,21 +94,25 @@ class PreActResNet18(nn.Module):
         self.layer2 = self._make_layer(128, 2, 2)
         self.layer3 = self._make_layer(256, 2, 2)
         self.layer4 = self._make_layer(512, 2, 2)
-        self.bn = nn.BatchNorm2d(512)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.linear = nn.Linear(512, num_classes)
 
     def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
         layers = []
         for s in [stride] + [1] * (blocks - 1):
             layers.append(PreActBlock(self.in_planes, planes, s))
-            self.in_planes = planes
+            self.in_planes = planes * PreActBlock.expansion
         return nn.Sequential(*layers)
 
+    def get_classifier(self) -> nn.Linear:
+        """The last layer, ``linear`` (timm-style accessor shared by robustkit models)."""
+        return self.linear
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate features (N x 512): pooled output of ``layer4``."""
         out = self.conv1(self.normalize(x))
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
-        out = F.relu(self.bn(out))
-        return F.adaptive_avg_pool2d(out, 1).flatten(1)
+        return self.avgpool(out).flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(self.features(x))
