@@ -177,7 +177,7 @@ def evaluate(
         clean = robust_accuracy(defended, None, x, y, desc=f"{label} / clean", **run).clean_accuracy
         ctx.log(f"  {label}: clean accuracy {clean:.3f} on {x.shape[0]} test images")
         rows.append({"defense": label, "attack": "clean", "norm": "-", "eps": "-", "accuracy": clean,
-                     "adaptive": "-", "seconds": 0.0})
+                     "adaptive": "-", "gradient": "-", "seconds": 0.0})
         plot_rows.append({"defense": label, "attack": "clean", "accuracy": clean})
         ctx.report.metrics[f"{label}/clean_accuracy"] = clean
         for i, spec in enumerate(attacks or []):
