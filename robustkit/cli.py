@@ -53,22 +53,21 @@ def build_parser() -> argparse.ArgumentParser:
                           formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_run_options(demo)
     demo.add_argument("--quick", action="store_true", help="fewer epochs and test images (a smoke test, ~20 s)")
-    run = sub.add_parser("run", help="run a pipeline config (YAML)", description=RUN_HELP,
-                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    run.add_argument("config", help="path to a YAML config, e.g. configs/demo.yaml")
-    _add_run_options(run)
-    tr = sub.add_parser("train", help="train a (possibly backdoored) victim from a config",
-                        description="Run a pipeline config that trains a model (e.g. poison -> train -> "
-                                    "backdoor_eval -> save_model; see configs/backdoor_badnets.yaml). Same options as run.",
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    tr.add_argument("config", help="path to a YAML config with a train step")
-    _add_run_options(tr)
-    ev = sub.add_parser("eval", help="evaluate a model from a config (clean, PGD, EOT-PGD, AutoAttack, eps sweeps)",
-                        description="Run a pipeline config with an evaluate step (e.g. load_model -> evaluate). "
-                                    "For several processes use `torchrun --nproc-per-node N -m robustkit.eval CONFIG`.",
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    ev.add_argument("config", help="path to a YAML config with an evaluate step")
-    _add_run_options(ev)
+    def config_command(name: str, help: str, description: str, config_help: str) -> argparse.ArgumentParser:
+        cmd = sub.add_parser(name, help=help, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+        cmd.add_argument("config", help=config_help)
+        _add_run_options(cmd)
+        return cmd
+
+    config_command("run", "run a pipeline config (YAML)", RUN_HELP, "path to a YAML config, e.g. configs/demo.yaml")
+    config_command("train", "train a (possibly backdoored) victim from a config",
+                   "Run a pipeline config that trains a model (e.g. poison -> train -> backdoor_eval -> save_model; "
+                   "see configs/backdoor_badnets.yaml). Same options as run.",
+                   "path to a YAML config with a train step")
+    ev = config_command("eval", "evaluate a model from a config (clean, PGD, EOT-PGD, AutoAttack, eps sweeps)",
+                        "Run a pipeline config with an evaluate step (e.g. load_model -> evaluate). "
+                        "For several processes use `torchrun --nproc-per-node N -m robustkit.eval CONFIG`.",
+                        "path to a YAML config with an evaluate step")
     ev.add_argument("--robustbench-model", metavar="NAME",
                     help="evaluate a RobustBench zoo model (e.g. Standard) instead of the config's model")
     ev.add_argument("--model-dir", default="models",
