@@ -1,13 +1,18 @@
 """Bilateral filter benchmark: robustkit vs kornia vs an OpenCV per-image loop (CPU), and
 robustkit's Triton kernel vs kornia on the GPU when one is present.
 
-Each (method, shape, mode) runs in a fresh subprocess so that peak memory is its own:
-on CPU the growth of peak RSS over the RSS before the call, on CUDA
-``torch.cuda.max_memory_allocated`` minus the input. Prints a table and writes JSON.
+Each method is compared with its own window: ``robustkit-circle`` (OpenCV's circular window)
+against the OpenCV loop, ``robustkit-square`` (all K^2 taps) against kornia. L1 colour
+distance, reflect-101 borders, sigma_color 0.1, sigma_space 1.5 throughout.
+
+Each CPU (method, shape, mode) runs in a fresh subprocess so that peak memory is its own
+(growth of peak RSS over the RSS before the first call; tracemalloc does not see torch). On
+CUDA, ``torch.cuda.max_memory_allocated`` minus the input, and for our forward also the
+kernel-only time (``triton.testing.do_bench``). Prints a table and writes JSON.
 
     python benchmarks/bilateral.py            # full run
     python benchmarks/bilateral.py --quick    # < 1 minute on 2 cores
-    python benchmarks/bilateral.py --device cuda --out results/bilateral_gpu.json
+    python benchmarks/bilateral.py --device cuda --out benchmarks/results/bilateral_gpu.json
 """
 
 from __future__ import annotations
@@ -31,6 +36,12 @@ GPU_CASES = CPU_CASES + [
     ("imagenet-64", (64, 3, 224, 224), 5),
 ]
 SIGMA_COLOR, SIGMA_SPACE = 0.1, 1.5
+# which of our variants each peer is compared with (the same window)
+OURS_FOR = {
+    ("cpu", "opencv"): "robustkit-circle", ("cpu", "robustkit-circle"): "robustkit-circle",
+    ("cpu", "kornia"): "robustkit-square", ("cpu", "robustkit-square"): "robustkit-square",
+    ("cuda", "kornia"): "robustkit", ("cuda", "robustkit-torch"): "robustkit", ("cuda", "robustkit"): "robustkit",
+}
 H100_BANDWIDTH = 3.35e12  # bytes/s, H100 SXM HBM3
 
 
@@ -64,15 +75,12 @@ def worker(method: str, shape, k: int, mode: str, device: str, repeats: int, bud
     backward = mode == "fwd+bwd"
     if method == "opencv" and backward:
         return {"skipped": "OpenCV has no backward"}
-    if method == "robustkit":
+    if method.startswith("robustkit"):
         from robustkit.kernels import bilateral_filter
 
-        backend = "triton" if device == "cuda" else "torch"
-        run = lambda t: bilateral_filter(t, k, SIGMA_COLOR, SIGMA_SPACE, "l1", "circle" if device == "cpu" else "square", backend=backend)
-    elif method == "robustkit-torch":
-        from robustkit.kernels import bilateral_filter
-
-        run = lambda t: bilateral_filter(t, k, SIGMA_COLOR, SIGMA_SPACE, "l1", "square", backend="torch")
+        backend = "torch" if method == "robustkit-torch" or device == "cpu" else "triton"
+        window = "circle" if method.endswith("circle") else "square"
+        run = lambda t: bilateral_filter(t, k, SIGMA_COLOR, SIGMA_SPACE, "l1", window, backend=backend)
     elif method == "kornia":
         import kornia
 
@@ -108,6 +116,12 @@ def worker(method: str, shape, k: int, mode: str, device: str, repeats: int, bud
         step()
         sync()
         peak = torch.cuda.max_memory_allocated() - base
+        kernel_ms = None
+        if method.startswith("robustkit") and not backward:
+            from triton.testing import do_bench
+
+            with torch.no_grad():
+                kernel_ms = do_bench(lambda: run(x))
     else:
         base = _rss_bytes()
         step()
@@ -121,7 +135,10 @@ def worker(method: str, shape, k: int, mode: str, device: str, repeats: int, bud
         sync()
         times.append(time.perf_counter() - t0)
     med = statistics.median(times)
-    return {"median_ms": med * 1e3, "images_per_s": shape[0] / med, "peak_mem_mib": peak / 2**20, "runs": len(times)}
+    res = {"median_ms": med * 1e3, "images_per_s": shape[0] / med, "peak_mem_mib": peak / 2**20, "runs": len(times)}
+    if device == "cuda" and kernel_ms is not None:
+        res["kernel_ms"] = kernel_ms
+    return res
 
 
 # ---------------------------------------------------------------------------- driver
@@ -144,6 +161,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer repeats (< 1 minute on 2 cores)")
     p.add_argument("--device", choices=["cpu", "cuda", "all"], default="all", help="cpu, cuda, or all available (default)")
     p.add_argument("--out", default="benchmarks/results/bilateral.json", help="JSON output path")
+    p.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", "2")), help="CPU threads (default 2)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -151,6 +169,7 @@ def main(argv=None) -> int:
         print("RESULT " + json.dumps(worker(method, tuple(shape), k, mode, device, repeats, budget)))
         return 0
 
+    os.environ["BENCH_THREADS"] = str(args.threads)  # read by the workers
     import torch
 
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
@@ -163,7 +182,7 @@ def main(argv=None) -> int:
     rows = []
     for device in devices:
         cases = CPU_CASES if device == "cpu" else GPU_CASES
-        methods = ["robustkit", "kornia", "opencv"] if device == "cpu" else ["robustkit", "robustkit-torch", "kornia"]
+        methods = ["robustkit-circle", "robustkit-square", "kornia", "opencv"] if device == "cpu" else ["robustkit", "robustkit-torch", "kornia"]
         for name, shape, k in cases:
             for mode in ("fwd", "fwd+bwd"):
                 results = {}
@@ -171,26 +190,33 @@ def main(argv=None) -> int:
                     if device == "cpu" and args.quick and m == "kornia" and name == "imagenet" and mode == "fwd+bwd":
                         results[m] = {"skipped": "--quick (about 7 s and 3 GiB)"}
                         continue
+                    if m == "opencv" and mode == "fwd+bwd":
+                        results[m] = {"skipped": "OpenCV has no backward"}
+                        continue
                     reps = repeats * 5 if device == "cuda" else repeats
                     results[m] = run_case(m, shape, k, mode, device, reps, budget)
-                ours = results["robustkit"]
                 for m, r in results.items():
                     row = {"device": device, "case": name, "shape": "x".join(map(str, shape)), "k": k, "mode": mode, "method": m, **r}
+                    ours_name = OURS_FOR.get((device, m))
+                    ours = results.get(ours_name, {}) if ours_name else {}
                     if "median_ms" in r and "median_ms" in ours:
+                        row["vs"] = ours_name
                         row["ours_speedup"] = r["median_ms"] / ours["median_ms"]
                         row["ours_mem_ratio"] = (r["peak_mem_mib"] / ours["peak_mem_mib"]) if ours["peak_mem_mib"] > 0 else None
                     if device == "cuda" and m == "robustkit" and mode == "fwd" and "median_ms" in r:
                         bound = bandwidth_bound_us(shape)
                         row["bandwidth_bound_us"] = bound
                         row["x_over_bound"] = r["median_ms"] * 1e3 / bound
+                        if r.get("kernel_ms"):
+                            row["kernel_x_over_bound"] = r["kernel_ms"] * 1e3 / bound
                     rows.append(row)
                     print(_fmt_row(row), flush=True)
     meta = {
         "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-        "threads": int(os.environ.get("BENCH_THREADS", "2")), "quick": args.quick,
+        "threads": args.threads, "quick": args.quick,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "sigma_color": SIGMA_COLOR, "sigma_space": SIGMA_SPACE,
-        "note": "ours_speedup = peer time / robustkit time; ours_mem_ratio = peer peak memory / robustkit peak memory",
+        "note": "ours_speedup = peer time / time of our method named in 'vs' (same window); ours_mem_ratio likewise for peak memory",
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -201,16 +227,22 @@ def main(argv=None) -> int:
     return 0
 
 
-HEADER = f"{'device':6} {'case':12} {'mode':8} {'method':16} {'median ms':>10} {'img/s':>10} {'peak MiB':>9} {'x ours':>7} {'mem x':>6}"
+HEADER = (f"{'device':6} {'case':9} {'mode':8} {'method':17} {'median ms':>10} {'img/s':>10} {'peak MiB':>9} "
+          f"{'x ours':>7} {'mem x':>6}  (x ours / mem x: peer time / memory over ours, same window)")
 
 
 def _fmt_row(r: dict) -> str:
     if "median_ms" not in r:
-        return f"{r['device']:6} {r['case']:12} {r['mode']:8} {r['method']:16} {r.get('skipped') or r.get('error')}"
+        return f"{r['device']:6} {r['case']:9} {r['mode']:8} {r['method']:17} {r.get('skipped') or r.get('error')}"
     sp = f"{r['ours_speedup']:.2f}" if r.get("ours_speedup") is not None else "-"
     mr = f"{r['ours_mem_ratio']:.1f}" if r.get("ours_mem_ratio") is not None else "-"
-    extra = f"  ({r['x_over_bound']:.1f}x the {r['bandwidth_bound_us']:.1f} us bandwidth bound)" if "x_over_bound" in r else ""
-    return (f"{r['device']:6} {r['case']:12} {r['mode']:8} {r['method']:16} {r['median_ms']:10.2f} "
+    extra = ""
+    if "x_over_bound" in r:
+        extra = f"  ({r['x_over_bound']:.1f}x the {r['bandwidth_bound_us']:.1f} us bandwidth bound"
+        if "kernel_x_over_bound" in r:
+            extra += f"; kernel alone {r['kernel_ms'] * 1e3:.1f} us = {r['kernel_x_over_bound']:.1f}x"
+        extra += ")"
+    return (f"{r['device']:6} {r['case']:9} {r['mode']:8} {r['method']:17} {r['median_ms']:10.2f} "
             f"{r['images_per_s']:10.0f} {r['peak_mem_mib']:9.1f} {sp:>7} {mr:>6}{extra}")
 
 
