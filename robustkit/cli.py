@@ -1,4 +1,4 @@
-"""Command-line interface: ``robustkit demo | run | list``."""
+"""Command-line interface: ``robustkit demo | run | train | eval | repair | list``."""
 
 from __future__ import annotations
 
@@ -73,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model-dir", default="models",
                     help="RobustBench model folder: <dir>/<dataset>/<threat model>/<NAME>.pt (read offline)")
     ev.add_argument("--threat-model", default="Linf", help="RobustBench threat model of the checkpoint (Linf, L2)")
+    config_command("repair", "repair a backdoored model from a config (FT-SAM, fine-tuning, skip suppression)",
+                   "Run a pipeline config with a repair step (e.g. poison -> train -> repair -> save_model, or "
+                   "load_model -> repair; see configs/repair_ftsam.yaml). The report holds ACC, ASR, RA and DER before "
+                   "and after, and repair.png plots ACC and ASR over the repair epochs. Same options as run.",
+                   "path to a YAML config with a repair step")
     lst = sub.add_parser("list", help="list registered components and their parameters",
                          description="List what can be named in a config: datasets, models, preprocessors, attacks, steps, ...")
     lst.add_argument("kind", nargs="?", help="one registry: " + ", ".join(_registry_names()))
@@ -106,7 +111,7 @@ def _run(config: str | Path, args: argparse.Namespace, extra: Sequence[str] = ()
         return 0
     report = run_pipeline(cfg, out_dir=args.out, progress=not args.no_progress)
     for table in report.tables:
-        if table.title != "Training":
+        if table.title != "Training" and not table.title.startswith("Repair history"):
             print()
             print(table.to_markdown())
     for note in report.notes:
@@ -151,11 +156,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(demo_config_path(), args, QUICK_OVERRIDES if args.quick else ())
         if args.command == "run":
             return _run(args.config, args)
-        if args.command in ("train", "eval"):
+        if args.command in ("train", "eval", "repair"):
             from .errors import ConfigError
             from .pipeline import load_config
 
-            needed = "train" if args.command == "train" else "evaluate"
+            needed = {"train": "train", "eval": "evaluate", "repair": "repair"}[args.command]
             if getattr(args, "robustbench_model", None):
                 args.overrides = [f"model={{name: robustbench, model_name: {args.robustbench_model}, "
                                   f"model_dir: '{args.model_dir}', threat_model: {args.threat_model}}}", *args.overrides]

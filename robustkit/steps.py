@@ -19,7 +19,7 @@ from .io import atomic_write_json
 from .eval.metrics import robust_accuracy
 from .eval.plots import accuracy_bars, training_curves
 from .pipeline import Context
-from .registry import ATTACKS, BACKDOORS, PREPROCESSORS, STEPS, parse_number
+from .registry import ATTACKS, BACKDOORS, PREPROCESSORS, REPAIRS, STEPS, parse_number
 from .wrap import Defended, wrap
 
 
@@ -283,7 +283,7 @@ def poison(ctx: Context, /, attack: Any = "badnets", rate: float = 0.1, seed: in
     atk = BACKDOORS.build(attack, "poison.attack")
     poisoned = atk.poison(data.train, rate=rate, seed=ctx.seed if seed is None else seed, num_classes=data.num_classes)
     ctx.data = DataBundle(poisoned, data.test, data.num_classes, data.channels, data.image_size, data.classes, data.name)
-    ctx.artifacts.update(backdoor=atk, poisoned=poisoned)
+    ctx.artifacts.update(backdoor=atk, poisoned=poisoned, clean_train=data.train)
     name = BACKDOORS.split_spec(attack)[0]
     row = {"attack": name, "rate": rate, "poisoned": len(poisoned.poisoned_indices),
            "noise_samples": len(poisoned.noise_indices), "train_size": len(poisoned), "target": atk.target}
@@ -318,6 +318,67 @@ def backdoor_eval(ctx: Context, /, attack: Any = None) -> None:
                          note="ACC on clean test images; ASR and RA on triggered test images whose label is not the target.")
     ctx.report.metrics.update(acc=m.acc, asr=m.asr, ra=m.ra)
     ctx.log(f"  ACC {m.acc:.3f}  ASR {m.asr:.3f}  RA {m.ra:.3f}")
+
+
+# --------------------------------------------------------------------------- repair
+@STEPS.register("repair")
+def repair(ctx: Context, /, defense: Any = "ft_sam", attack: Any = None) -> None:
+    """Repair the run's (backdoored) model with a ``defense`` (``finetune``, ``ft_sam``, ``skip_suppression``).
+
+    The defense gets the clean training split (before any ``poison`` step) and uses its own
+    ``clean_ratio`` of it. When a trigger is known (a ``poison`` step, or ``attack``; used only
+    to *measure*, never given to the defense) the report holds ACC / ASR / RA before and after,
+    the DER, and ``repair.png`` with ACC and ASR over the repair epochs. The repaired model
+    replaces the run's model (add a ``save_model`` step to keep it).
+    """
+    from .eval.backdoor import backdoor_metrics, defense_effectiveness_rating
+    from .eval.plots import repair_curves, skip_sweep
+
+    model = ctx.require_model("repair")
+    data = ctx.require_data("repair")
+    clean = ctx.artifacts.get("clean_train", data.train)
+    if clean is data.train and hasattr(data.train, "poisoned_indices"):
+        raise ConfigError("the training split is poisoned and no clean copy is known; run 'poison' in this config", "repair")
+    atk = BACKDOORS.build(attack, "repair.attack") if attack is not None else ctx.artifacts.get("backdoor")
+    name = REPAIRS.split_spec(defense)[0]
+    rep = REPAIRS.build(defense, "repair.defense")
+    ctx.log(f"  repairing with {rep!r}")
+    before = backdoor_metrics(model, atk, data.test, data.num_classes) if atk is not None else None
+    result = rep.repair(model, clean, test_data=data.test, backdoor=atk, num_classes=data.num_classes,
+                        progress=ctx.progress and ctx.is_main)
+    ctx.model = result.model
+    ctx.artifacts.setdefault("repairs", {})[name] = result
+    rows = [{k: v for k, v in h.items()} for h in result.history]
+    ctx.report.add_table(f"Repair history ({name})", rows)
+    details = {k: v for k, v in result.details.items() if not isinstance(v, dict)}
+    if before is not None:
+        after = backdoor_metrics(result.model, atk, data.test, data.num_classes)
+        der = defense_effectiveness_rating(before, after)
+        table = [{"model": "before", "acc": before.acc, "asr": before.asr, "ra": before.ra},
+                 {"model": f"after {name}", "acc": after.acc, "asr": after.asr, "ra": after.ra, "der": der}]
+        ctx.report.add_table("Repair", table, note="DER = [max(0, dASR) - max(0, dACC) + 1] / 2 (BackdoorBench).")
+        ctx.report.metrics.update(acc_before=before.acc, asr_before=before.asr, ra_before=before.ra,
+                                  acc=after.acc, asr=after.asr, ra=after.ra, der=der)
+        ctx.log(f"  ACC {before.acc:.3f} -> {after.acc:.3f}  ASR {before.asr:.3f} -> {after.asr:.3f}  DER {der:.3f}")
+    else:
+        ctx.report.notes.append("repair: no trigger known, so ASR / RA / DER were not measured")
+    if details:
+        ctx.report.add_table(f"Repair details ({name})", [details])
+    if ctx.is_main:
+        if any("acc" in h for h in result.history):
+            ctx.report.figures.append(repair_curves({name: result.history}, ctx.out_dir / "repair.png").name)
+        if "sweep" in result.details:
+            d = result.details
+            ctx.report.figures.append(skip_sweep(d["sweep"], d["gammas"], ctx.out_dir / "skip_sweep.png", d["layer"]).name)
+
+
+def _validate_repair(params: dict[str, Any], path: str) -> None:
+    REPAIRS.build(params.get("defense", "ft_sam"), f"{path}.defense")
+    if params.get("attack") is not None:
+        BACKDOORS.build(params["attack"], f"{path}.attack")
+
+
+repair.validate = _validate_repair  # type: ignore[attr-defined]
 
 
 # --------------------------------------------------------------------------- checkpoints

@@ -1,5 +1,20 @@
 """Defenses: input preprocessors, model repair and data filtering."""
 
+from .finetune import FTSAM, AdaptiveSAM, FineTune, class_balanced_subset
+from .skip import SkipSuppression, find_skip_connections, scale_skips
 from .preprocess import BilateralFilter, GaussianNoise, NoiseBilateral, Quantize, gaussian_noise
 
-__all__ = ["GaussianNoise", "BilateralFilter", "NoiseBilateral", "Quantize", "gaussian_noise"]
+__all__ = [
+    "GaussianNoise",
+    "BilateralFilter",
+    "NoiseBilateral",
+    "Quantize",
+    "gaussian_noise",
+    "FTSAM",
+    "FineTune",
+    "AdaptiveSAM",
+    "class_balanced_subset",
+    "SkipSuppression",
+    "find_skip_connections",
+    "scale_skips",
+]

@@ -85,3 +85,43 @@ def robust_vs_eps(rows: list[dict[str, Any]], path: str | Path, title: str = "Ro
     ax.set_title(title)
     ax.legend(fontsize=7)
     return save_figure(fig, path)
+
+
+def repair_curves(histories: dict[str, list[dict[str, Any]]], path: str | Path,
+                  title: str = "ACC and ASR during repair") -> Path:
+    """ACC (solid) and ASR (dashed) per repair epoch, one colour per defense; epoch 0 is the input model.
+
+    ``histories`` maps a defense label to its :class:`~robustkit.base.RepairResult` history
+    (rows with ``epoch`` and ``acc`` / ``asr`` where they were measured).
+    """
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for i, (label, hist) in enumerate(histories.items()):
+        color = f"C{i}"
+        for key, style in (("acc", "-"), ("asr", "--")):
+            pts = [(h["epoch"], h[key]) for h in hist if key in h]
+            if pts:
+                ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], style, color=color, marker="." if len(pts) < 30 else None,
+                        label=f"{label} {key.upper()}")
+    ax.set_xlabel("repair epoch")
+    ax.set_ylabel("%")
+    ax.set_ylim(-3, 103)
+    ax.grid(alpha=0.3)
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
+    return save_figure(fig, path)
+
+
+def skip_sweep(sweep: dict[str, list[float]], gammas: list[float], path: str | Path, chosen: str | None = None,
+               title: str = "Surrogate-trigger ASR vs. skip scale gamma") -> Path:
+    """The skip-suppression layer sweep: one line per skip connection, the chosen one bold."""
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for name, asr in sweep.items():
+        bold = name == chosen
+        ax.plot(gammas, [100 * a for a in asr], "o-" if bold else "-", lw=2.5 if bold else 1, label=name + (" (chosen)" if bold else ""))
+    ax.set_xlabel("gamma (scale of the skip connection)")
+    ax.set_ylabel("excess ASR (%)")
+    ax.set_ylim(-3, 103)
+    ax.grid(alpha=0.3)
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
+    return save_figure(fig, path)

@@ -5,7 +5,8 @@ A robustkit checkpoint is a plain ``torch.save`` dict::
     {"name": "small_cnn", "kwargs": {...}, "state_dict": {...}, "meta": {...}, "robustkit_version": "0.1.0"}
 
 ``name`` and ``kwargs`` rebuild the architecture from the model registry, so loading needs
-no code from the run that trained it; the file is read with ``weights_only=True`` (no
+no code from the run that trained it; a model repaired by skip-connection suppression
+also stores ``skip_scaling`` (``{skip name: gamma}``), re-applied as hooks on load; the file is read with ``weights_only=True`` (no
 arbitrary unpickling), which is why ``kwargs`` and ``meta`` must be plain data.
 """
 
@@ -90,6 +91,8 @@ def save_checkpoint(
         "meta": _plain(meta, "meta"),
         "robustkit_version": robustkit.__version__,
     }
+    if getattr(model, "skip_scaling", None):  # skip connections scaled by skip suppression (forward hooks)
+        blob["skip_scaling"] = _plain(dict(model.skip_scaling), "skip_scaling")
     return atomic_torch_save(blob, path)
 
 
@@ -150,6 +153,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             parts.append(f"shape mismatch (checkpoint vs model) {shapes[:5]}")
         raise InputError(f"{p} does not match model {name!r} built from its kwargs: {'; '.join(parts)}")
     model.load_state_dict(state, strict=True)
+    if blob.get("skip_scaling"):
+        from ..defenses.skip import scale_skips
+
+        scale_skips(model, blob["skip_scaling"])
     if isinstance(map_location, (str, torch.device)):
         model = model.to(map_location)
     return model.eval()

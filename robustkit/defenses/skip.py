@@ -1,0 +1,346 @@
+"""Skip-connection suppression: Yang, Li, Jiang, Xia, "Backdoor Defense via Suppressing Model
+Shortcuts", ICASSP 2023.
+
+A residual block computes ``out = F(x) + shortcut(x)``; backdoors lean on the shortcuts, so
+scaling a chosen shortcut by ``gamma < 1`` (``out = F(x) + gamma * shortcut(x)``) lowers the
+attack success rate. This module finds the skip connections of a model and scales them with
+forward hooks - the model's code and weights are untouched:
+
+- robustkit ``PreActBlock`` (PreActResNet18): the output of ``block.shortcut`` is scaled.
+- torchvision ``BasicBlock`` / ``Bottleneck``: ``block.downsample``'s output is scaled when it
+  exists; otherwise the identity is captured at the block input and ``(1 - gamma) x`` is
+  subtracted from the residual branch's last BatchNorm output (so the sum is ``F(x) + gamma x``
+  before the final ReLU).
+- ViT blocks (robustkit ``SmallViT`` and timm ``VisionTransformer``): each block has two
+  residual branches, ``x + attn(norm1(x))`` and ``x + mlp(norm2(x))``; the branch output gets
+  ``(1 - gamma) x`` subtracted, with ``x`` captured at ``norm1`` / ``norm2``'s input. They are
+  named ``blocks.i.attn`` and ``blocks.i.mlp``.
+
+:func:`scale_skips` returns a handle whose ``remove()`` takes every hook away again; the
+scales are recorded in ``model.skip_scaling`` so that a saved checkpoint re-applies them.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from ..base import ModelRepair, RepairResult
+from ..data.arrays import ArrayDataset, to_tensors
+from ..errors import InputError
+from ..registry import BACKDOORS, REPAIRS
+from .finetune import backdoor_monitor, class_balanced_subset, finetune_loop
+
+GAMMAS = tuple(round(0.1 * i, 1) for i in range(11))
+
+
+@dataclass
+class SkipConnection:
+    """One skip connection: where its hooks go and which stage encloses it."""
+
+    name: str            # e.g. "layer3.1" or "blocks.2.attn"
+    stage: str           # module name fine-tuned after suppression, e.g. "layer3" or "blocks.2"
+    kind: str            # "scale" (shortcut module output * gamma) or "subtract" (branch - (1-gamma) x)
+    target: nn.Module    # module whose output is changed
+    source: nn.Module | None = None  # module whose *input* is the skip tensor x ("subtract" only)
+
+
+def _parent(name: str) -> str:
+    return name.rsplit(".", 1)[0] if "." in name else ""
+
+
+def find_skip_connections(model: nn.Module) -> list[SkipConnection]:
+    """Every skip connection robustkit can scale in ``model``, in forward order.
+
+    Raises :class:`InputError` when there is none (e.g. a plain CNN without residual blocks).
+    """
+    from ..models.preact_resnet import PreActBlock
+    from ..models.vit import Block as SmallViTBlock
+
+    tv_blocks: tuple[type, ...] = ()
+    try:
+        from torchvision.models.resnet import BasicBlock, Bottleneck
+
+        tv_blocks = (BasicBlock, Bottleneck)
+    except ImportError:  # pragma: no cover - torchvision is a dependency
+        pass
+    timm_block: tuple[type, ...] = ()
+    try:
+        from timm.models.vision_transformer import Block as TimmBlock
+
+        timm_block = (TimmBlock,)
+    except ImportError:  # pragma: no cover - timm is optional
+        pass
+
+    found: list[SkipConnection] = []
+    for name, m in model.named_modules():
+        if isinstance(m, PreActBlock):
+            found.append(SkipConnection(name, _parent(name), "scale", m.shortcut))
+        elif tv_blocks and isinstance(m, tv_blocks):
+            if m.downsample is not None:
+                found.append(SkipConnection(name, _parent(name), "scale", m.downsample))
+            else:
+                last_bn = m.bn3 if hasattr(m, "bn3") else m.bn2
+                found.append(SkipConnection(name, _parent(name), "subtract", last_bn, m))
+        elif isinstance(m, SmallViTBlock):
+            found.append(SkipConnection(f"{name}.attn", name, "subtract", m.attn, m.norm1))
+            found.append(SkipConnection(f"{name}.mlp", name, "subtract", m.mlp, m.norm2))
+        elif timm_block and isinstance(m, timm_block):
+            found.append(SkipConnection(f"{name}.attn", name, "subtract", m.ls1, m.norm1))
+            found.append(SkipConnection(f"{name}.mlp", name, "subtract", m.ls2, m.norm2))
+    if not found:
+        raise InputError(
+            f"{type(model).__name__} has no residual blocks to suppress: skip-connection suppression needs "
+            "PreActResNet blocks, torchvision ResNet blocks (BasicBlock / Bottleneck) or ViT blocks "
+            "(robustkit small_vit, timm VisionTransformer)"
+        )
+    return found
+
+
+class _ScaleOutput:
+    """Forward hook: ``output * gamma``."""
+
+    def __init__(self, gamma: float):
+        self.gamma = gamma
+
+    def __call__(self, module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+        return output * self.gamma
+
+
+class _CaptureInput:
+    """Forward pre-hook: remember the module's first input (the skip tensor)."""
+
+    def __init__(self) -> None:
+        self.value: torch.Tensor | None = None
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        self.value = args[0]
+
+
+class _SubtractSkip:
+    """Forward hook on a residual branch: ``branch - (1 - gamma) * x`` with ``x`` from a capture."""
+
+    def __init__(self, gamma: float, capture: _CaptureInput):
+        self.gamma, self.capture = gamma, capture
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
+        x = self.capture.value
+        if x is None:
+            raise RuntimeError("skip-connection hook fired before its input was captured")
+        self.capture.value = None
+        if isinstance(output, tuple):  # robustkit attention returns (out, attention map)
+            return (output[0] - (1.0 - self.gamma) * x, *output[1:])
+        return output - (1.0 - self.gamma) * x
+
+
+class SkipScaling:
+    """Handle of the hooks placed by :func:`scale_skips`; ``remove()`` restores the model."""
+
+    def __init__(self, model: nn.Module, gammas: dict[str, float], handles: list):
+        self.model, self.gammas, self._handles = model, dict(gammas), handles
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        current = dict(getattr(self.model, "skip_scaling", {}) or {})
+        for k in self.gammas:
+            current.pop(k, None)
+        if current:
+            self.model.skip_scaling = current  # type: ignore[assignment]
+        elif "skip_scaling" in self.model.__dict__:
+            del self.model.skip_scaling
+
+    def __enter__(self) -> "SkipScaling":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+
+def scale_skips(model: nn.Module, gammas: dict[str, float]) -> SkipScaling:
+    """Scale the named skip connections (``{name: gamma}``) of ``model`` with forward hooks.
+
+    Names are those of :func:`find_skip_connections` (``model.skip_scaling`` records them).
+    Use the returned handle's ``remove()`` (or ``with scale_skips(...):``) to undo.
+    """
+    skips = {s.name: s for s in find_skip_connections(model)}
+    already = set(getattr(model, "skip_scaling", {}) or {})
+    handles = []
+    for name, gamma in gammas.items():
+        if name not in skips:
+            raise InputError(f"no skip connection named {name!r}; known: {', '.join(skips)}")
+        if name in already:
+            raise InputError(f"skip connection {name!r} is already scaled; remove the first scaling before adding another")
+        g = float(gamma)
+        if not (0.0 <= g <= 1.0) or math.isnan(g):
+            raise InputError(f"gamma for {name!r} must be in [0, 1], got {gamma!r}")
+        s = skips[name]
+        if s.kind == "scale":
+            handles.append(s.target.register_forward_hook(_ScaleOutput(g)))
+        else:
+            cap = _CaptureInput()
+            handles.append(s.source.register_forward_pre_hook(cap))  # type: ignore[union-attr]
+            handles.append(s.target.register_forward_hook(_SubtractSkip(g, cap)))
+    model.skip_scaling = {**(getattr(model, "skip_scaling", {}) or {}), **{k: float(v) for k, v in gammas.items()}}  # type: ignore[assignment]
+    return SkipScaling(model, gammas, handles)
+
+
+# --------------------------------------------------------------------------- layer selection
+def jump_score(asr: list[float]) -> float:
+    """The paper's selection score for one block: ``max_i (ASR_i - ASR_{i-1}) / exp(ASR_{i-1})``.
+
+    ``asr`` holds the ASR at gamma = 0, 0.1, ..., 1 (increasing gamma): a block whose
+    suppression makes the ASR jump from low to high is where the backdoor's shortcut runs.
+    """
+    if len(asr) < 2:
+        raise InputError("jump_score needs the ASR at two gammas at least")
+    return max((asr[i] - asr[i - 1]) / math.exp(asr[i - 1]) for i in range(1, len(asr)))
+
+
+def _excess_asr(model: nn.Module, x_clean: torch.Tensor, x_trig: torch.Tensor, target: torch.Tensor,
+                batch_size: int = 256) -> float:
+    """Target rate on triggered images minus the target rate on the same images without the trigger.
+
+    Plain ASR would also be high when a suppressed block breaks the model into predicting
+    one class that happens to be the target; the excess counts only what the trigger adds.
+    """
+    from ..eval.metrics import predict
+
+    trig = float((predict(model, x_trig, batch_size) == target).float().mean())
+    clean = float((predict(model, x_clean, batch_size) == target).float().mean())
+    return max(0.0, trig - clean)
+
+
+@REPAIRS.register("skip_suppression")
+class SkipSuppression(ModelRepair):
+    """Skip-connection suppression (Yang et al., ICASSP 2023) with the paper's layer selection.
+
+    1. The defender never sees the attacker's trigger. It stamps its *own* surrogate trigger
+       (``probe_attack``, default a 3x3 checkerboard BadNets patch at the top-left corner,
+       target ``probe_target``) on ``probe_rate`` of its clean subset and fine-tunes a copy of
+       the suspect model on it (``probe_epochs``, ``probe_lr``, ``probe_batch_size``). This is
+       our reading of "a BadNets-style probe set": the surrogate backdoor is implanted in the
+       suspect's own weights so the sweep measures this architecture and these features.
+    2. For every skip connection, gamma is swept over 0, 0.1, ..., 1 on the surrogate and the
+       surrogate trigger's ASR is measured on the clean subset's non-target images; the block
+       with the largest :func:`jump_score` is chosen (``layer=`` skips the sweep). Deviation:
+       the ASR used is the *excess* target rate (triggered minus untriggered images under the
+       same gamma), because zeroing a skip can collapse a model to predicting one class, which
+       plain ASR would read as a backdoor path when that class is the target.
+    3. On a copy of the suspect model that skip connection gets ``gamma`` (0 by default),
+       every parameter outside the enclosing stage (a ResNet stage such as ``layer3``, or the
+       ViT block) is frozen - frozen BatchNorm layers also keep their running statistics -
+       and the stage is fine-tuned for ``epochs`` (10) with SGD lr 0.01, momentum 0.9,
+       weight decay 5e-4, batch 128 on the clean subset.
+
+    The returned model carries the suppression as forward hooks (``model.skip_scaling``);
+    :func:`~robustkit.models.loaders.save_checkpoint` stores it and ``load_checkpoint``
+    re-applies it.
+    """
+
+    def __init__(self, gamma: float = 0.0, layer: str | None = None, epochs: int = 10, lr: float = 0.01,
+                 momentum: float = 0.9, weight_decay: float = 5e-4, batch_size: int = 128, clean_ratio: float = 0.05,
+                 probe_attack: Any = None, probe_target: int = 0, probe_rate: float = 0.5, probe_epochs: int = 30,
+                 probe_lr: float = 0.05, probe_batch_size: int = 32, eval_every: int = 1, seed: int = 0):
+        if not 0.0 <= float(gamma) <= 1.0:
+            raise InputError(f"gamma must be in [0, 1], got {gamma!r}")
+        if not 0 < clean_ratio <= 1:
+            raise InputError(f"clean_ratio must be in (0, 1], got {clean_ratio!r}")
+        if not 0 < probe_rate <= 1:
+            raise InputError(f"probe_rate must be in (0, 1], got {probe_rate!r}")
+        self.gamma, self.layer, self.epochs, self.lr = float(gamma), layer, epochs, float(lr)
+        self.momentum, self.weight_decay, self.batch_size = float(momentum), float(weight_decay), batch_size
+        self.clean_ratio, self.probe_target, self.probe_rate = float(clean_ratio), int(probe_target), float(probe_rate)
+        self.probe_epochs, self.probe_lr, self.eval_every, self.seed = probe_epochs, float(probe_lr), eval_every, seed
+        self.probe_batch_size = probe_batch_size
+        spec = probe_attack or {"name": "badnets", "size": 3, "position": "top-left", "pattern": "checkerboard"}
+        if isinstance(spec, dict) and "target" not in spec:
+            spec = {**spec, "target": self.probe_target}
+        self.probe_attack = BACKDOORS.build(spec, "probe_attack") if not hasattr(spec, "apply") else spec
+
+    # -- step 1 + 2
+    def select_layer(self, model: nn.Module, clean: Dataset, progress: bool = True) -> dict[str, Any]:
+        """Implant the surrogate trigger in a copy and run the gamma sweep; return the sweep and the choice."""
+        skips = find_skip_connections(model)
+        x, y = to_tensors(clean)
+        k = int(y.max()) + 1
+        atk = self.probe_attack
+        probe = atk.poison(ArrayDataset(x, y), rate=min(self.probe_rate, float((y != atk.target).float().mean())),
+                           seed=self.seed, num_classes=k)
+        if getattr(model, "skip_scaling", None):
+            raise InputError(f"model already has scaled skip connections ({model.skip_scaling}); sweep an unscaled model")
+        surrogate = copy.deepcopy(model)
+        finetune_loop(surrogate, probe, epochs=self.probe_epochs, lr=self.probe_lr, momentum=self.momentum,
+                      weight_decay=self.weight_decay, batch_size=self.probe_batch_size, seed=self.seed,
+                      progress=progress, desc="implant surrogate trigger")
+        keep = y != atk.target
+        if not bool(keep.any()):
+            raise InputError("the clean subset has no image outside the probe target class")
+        xc = x[keep]
+        xp = atk.apply(xc)
+        tp = atk.target_labels(y[keep], k)
+        base_asr = _excess_asr(surrogate, xc, xp, tp)
+        sweep: dict[str, list[float]] = {}
+        bar = tqdm(total=len(skips) * len(GAMMAS), desc="gamma sweep", disable=None if progress else True, leave=False)
+        for s in skips:
+            row = []
+            for g in GAMMAS:
+                with scale_skips(surrogate, {s.name: g}):
+                    row.append(_excess_asr(surrogate, xc, xp, tp))
+                bar.update(1)
+            sweep[s.name] = row
+        bar.close()
+        scores = {name: jump_score(row) for name, row in sweep.items()}
+        chosen = max(scores, key=lambda n: scores[n])
+        return {"surrogate_asr": base_asr, "gammas": list(GAMMAS), "sweep": sweep, "scores": scores, "layer": chosen}
+
+    # -- step 3
+    def repair(self, model: nn.Module, clean_data: Dataset, *, test_data: Dataset | None = None,
+               backdoor: Any = None, num_classes: int | None = None, inplace: bool = False,
+               progress: bool = True) -> RepairResult:
+        """Select a skip connection (unless ``layer`` was given), suppress it and fine-tune its stage."""
+        if not isinstance(model, nn.Module):
+            raise InputError(f"model must be an nn.Module, got {type(model).__name__}")
+        skips = {s.name: s for s in find_skip_connections(model)}
+        clean = class_balanced_subset(clean_data, self.clean_ratio, self.seed)
+        details: dict[str, Any] = {"clean_samples": len(clean)}
+        if self.layer is None:
+            details.update(self.select_layer(model, clean, progress))
+            layer = details["layer"]
+        else:
+            if self.layer not in skips:
+                raise InputError(f"layer {self.layer!r} is not a skip connection of this model; known: {', '.join(skips)}")
+            layer = self.layer
+        details.update(layer=layer, stage=skips[layer].stage, gamma=self.gamma)
+        net = model if inplace else copy.deepcopy(model)
+        scale_skips(net, {layer: self.gamma})
+        stage = skips[layer].stage
+        prefix = stage + "." if stage else ""
+
+        def trainable(name: str, p: nn.Parameter) -> bool:
+            return not stage or name.startswith(prefix)
+
+        stage_module = net.get_submodule(stage) if stage else net
+
+        def train_mode(m: nn.Module) -> None:
+            m.eval()  # frozen layers keep BatchNorm / dropout in eval mode
+            stage_module.train()
+
+        monitor = backdoor_monitor(test_data, backdoor, num_classes)
+        history = finetune_loop(net, clean, epochs=self.epochs, lr=self.lr, momentum=self.momentum,
+                                weight_decay=self.weight_decay, batch_size=self.batch_size, trainable=trainable,
+                                train_mode=train_mode, monitor=monitor, eval_every=self.eval_every, seed=self.seed,
+                                progress=progress, desc=f"fine-tune {stage or 'model'}")
+        return RepairResult(net, history, details)
+
+    def __repr__(self) -> str:
+        return (f"SkipSuppression(gamma={self.gamma}, layer={self.layer!r}, epochs={self.epochs}, lr={self.lr}, "
+                f"clean_ratio={self.clean_ratio})")
