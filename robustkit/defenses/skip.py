@@ -73,7 +73,11 @@ def find_skip_connections(model: nn.Module) -> list[SkipConnection]:
         pass
     timm_block: tuple[type, ...] = ()
     try:
-        from timm.models.vision_transformer import Block as TimmBlock
+        import warnings
+
+        with warnings.catch_warnings():  # timm's import trips torch's torch.jit.interface deprecation
+            warnings.simplefilter("ignore", FutureWarning)
+            from timm.models.vision_transformer import Block as TimmBlock
 
         timm_block = (TimmBlock,)
     except ImportError:  # pragma: no cover - timm is optional
