@@ -134,7 +134,7 @@ def main(argv=None) -> int:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("%")
     axes[0][-1].legend(fontsize=6)
-    fig.suptitle("PreActResNet18-w16 on digits: ACC (solid) and ASR (dashed) during repair")
+    fig.suptitle("PreActResNet18-w16 on digits: ACC (solid) and ASR (dashed) during repair", y=1.03)
     save_figure(fig, out.with_suffix(".png"))
     result = {"benchmark": "repair", "victim": victim, "budget": BUDGET, "defenses": DEFENSES,
               "attacks": {a: ATTACKS[a] for a in attacks}, "rows": rows, "mean": summary, "targets": checks,

@@ -245,6 +245,7 @@ class SkipSuppression(ModelRepair):
        and the stage is fine-tuned for ``epochs`` (10) with SGD lr 0.01, momentum 0.9,
        weight decay 5e-4, batch 128 on the clean subset.
 
+    The history's epoch-0 row is measured right after the suppression, before fine-tuning.
     The returned model carries the suppression as forward hooks (``model.skip_scaling``);
     :func:`~robustkit.models.loaders.save_checkpoint` stores it and ``load_checkpoint``
     re-applies it.
