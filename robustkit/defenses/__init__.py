@@ -2,6 +2,7 @@
 
 from .finetune import FTSAM, AdaptiveSAM, FineTune, class_balanced_subset
 from .skip import SkipSuppression, find_skip_connections, scale_skips
+from .filtering import ActivationClustering, AttentionEntropyFilter, SpectralSignatures, cls_attention_entropy
 from .preprocess import BilateralFilter, GaussianNoise, NoiseBilateral, Quantize, gaussian_noise
 
 __all__ = [
@@ -17,4 +18,8 @@ __all__ = [
     "SkipSuppression",
     "find_skip_connections",
     "scale_skips",
+    "AttentionEntropyFilter",
+    "ActivationClustering",
+    "SpectralSignatures",
+    "cls_attention_entropy",
 ]
