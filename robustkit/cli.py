@@ -1,4 +1,4 @@
-"""Command-line interface: ``robustkit demo | run | train | eval | repair | list``."""
+"""Command-line interface: ``robustkit demo | run | train | eval | repair | filter | list``."""
 
 from __future__ import annotations
 
@@ -22,6 +22,13 @@ Run a pipeline config (YAML): a data set, a model and a list of steps (train, ev
 save_model, load_model, ...). The whole config is validated before anything runs; a bad
 key is named with its path and the reason. Use --set to override values without editing
 the file, e.g. --set steps.0.train.epochs=2 --set data.size=16.
+"""
+
+FILTER_HELP = """\
+Score every sample of a (suspect) training set with a model trained on it, flag the likely
+poisoned ones and write the kept samples to OUT/kept.npz with a report. The input data is never
+modified. With a poisoned set saved by robustkit (which records the poisoned indices) the
+report also gives TPR, FPR, precision, F1 and AUROC.
 """
 
 
@@ -78,6 +85,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "load_model -> repair; see configs/repair_ftsam.yaml). The report holds ACC, ASR, RA and DER before "
                    "and after, and repair.png plots ACC and ASR over the repair epochs. Same options as run.",
                    "path to a YAML config with a repair step")
+    flt = sub.add_parser("filter", help="flag poisoned samples of a data set and write the kept subset",
+                         description=FILTER_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    flt.add_argument("--model", required=True, help="robustkit checkpoint of a model trained on the suspect data")
+    flt.add_argument("--data", required=True,
+                     help="the suspect data: a poisoned set saved by robustkit (.npz + manifest, or folder), or an .npz with x, y")
+    flt.add_argument("--out", required=True, help="output folder: kept.npz, flagged.json, report.md/json, scores.png")
+    flt.add_argument("--filter", default="attention_entropy",
+                     help="attention_entropy (ViTs), activation_clustering or spectral_signatures (default: %(default)s)")
+    flt.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                     help="a filter parameter (YAML value), e.g. --param separation=1.5; repeatable")
+    flt.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    flt.add_argument("--no-progress", action="store_true", help="hide progress bars")
     lst = sub.add_parser("list", help="list registered components and their parameters",
                          description="List what can be named in a config: datasets, models, preprocessors, attacks, steps, ...")
     lst.add_argument("kind", nargs="?", help="one registry: " + ", ".join(_registry_names()))
@@ -116,6 +135,58 @@ def _run(config: str | Path, args: argparse.Namespace, extra: Sequence[str] = ()
             print(table.to_markdown())
     for note in report.notes:
         print(f"note: {note}")
+    return 0
+
+
+def _load_suspect_data(path: str):
+    """A robustkit poisoned set (with ground truth) or a plain ``.npz`` holding ``x`` and ``y``."""
+    from .data.arrays import ArrayDataset
+    from .data.npz import images_to_tensor
+    from .data.poisoned import load_poisoned
+    from .errors import DataNotFoundError, InputError
+
+    p = Path(path)
+    if not p.exists():
+        raise DataNotFoundError(f"data not found: {p}")
+    if (p.is_dir() and (p / "manifest.json").is_file()) or p.with_name(p.name + ".manifest.json").is_file():
+        return load_poisoned(p)
+    if p.suffix != ".npz":
+        raise InputError(f"{p}: expected a robustkit poisoned set (with its manifest) or an .npz file with x and y")
+    import numpy as np
+    import torch
+
+    with np.load(p) as f:
+        if "x" not in f or "y" not in f:
+            raise InputError(f"{p} must hold arrays 'x' and 'y' (found {', '.join(f.files)})")
+        return ArrayDataset(images_to_tensor(f["x"]), torch.from_numpy(f["y"]).long())
+
+
+def _filter(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .errors import ConfigError
+    from .eval.filtering import run_filter
+    from .models.loaders import load_checkpoint
+    from .registry import FILTERS
+    from .utils import resolve_device
+
+    spec: dict = {"name": args.filter}
+    for item in args.param:
+        if "=" not in item:
+            raise ConfigError(f"expected KEY=VALUE, got {item!r}", "--param")
+        key, value = item.split("=", 1)
+        spec[key.strip()] = yaml.safe_load(value)
+    if "progress" in FILTERS.parameters(args.filter) and args.no_progress:
+        spec.setdefault("progress", False)
+    filt = FILTERS.build(spec, "--filter")
+    model = load_checkpoint(args.model, map_location=resolve_device(args.device))
+    data = _load_suspect_data(args.data)
+    result, metrics = run_filter(model, data, filt, args.out, name=args.filter)
+    n, k = result.flagged.numel(), int(result.flagged.sum())
+    print(f"{args.filter}: flagged {k} of {n} samples; kept {n - k} -> {Path(args.out) / 'kept.npz'}")
+    if metrics:
+        print("  " + "  ".join(f"{m.upper()} {metrics[m]:.3f}" for m in ("tpr", "fpr", "precision", "f1", "auroc")))
+    print(f"report: {Path(args.out) / 'report.md'}")
     return 0
 
 
@@ -167,6 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not any(needed in step for step in load_config(args.config)["steps"]):
                 raise ConfigError(f"has no '{needed}' step; use `robustkit run` for other pipelines", "steps")
             return _run(args.config, args)
+        if args.command == "filter":
+            return _filter(args)
         if args.command == "list":
             return _list(args.kind)
     except RobustkitError as exc:

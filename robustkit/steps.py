@@ -19,7 +19,7 @@ from .io import atomic_write_json
 from .eval.metrics import robust_accuracy
 from .eval.plots import accuracy_bars, training_curves
 from .pipeline import Context
-from .registry import ATTACKS, BACKDOORS, PREPROCESSORS, REPAIRS, STEPS, parse_number
+from .registry import ATTACKS, BACKDOORS, FILTERS, PREPROCESSORS, REPAIRS, STEPS, parse_number
 from .wrap import Defended, wrap
 
 
@@ -379,6 +379,58 @@ def _validate_repair(params: dict[str, Any], path: str) -> None:
 
 
 repair.validate = _validate_repair  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------- filtering
+@STEPS.register("filter")
+def filter_data(ctx: Context, /, filter: Any = "attention_entropy", out: str = "filtered") -> None:  # noqa: A002
+    """Flag suspected poisoned training samples with a ``FILTERS`` defense and keep the rest.
+
+    The run's model (trained on the suspect data) scores the training split. ``out`` (inside
+    the output folder) receives ``kept.npz``, ``flagged.json``, ``scores.png`` and a report; the
+    training split is replaced by the kept samples, so a following ``reset_model`` + ``train``
+    retrains on them. With ground truth (after ``poison``) TPR / FPR / precision / F1 / AUROC go
+    to the run's report.
+    """
+    from .data.arrays import DataBundle
+    from .eval.filtering import run_filter
+
+    model = ctx.require_model("filter")
+    data = ctx.require_data("filter")
+    name = FILTERS.split_spec(filter)[0]
+    target = Path(out) if Path(out).is_absolute() else ctx.out_dir / out
+    result, metrics = run_filter(model, data.train, FILTERS.build(filter, "filter.filter"), target, name=name)
+    kept = result.clean_subset(data.train)
+    row = {"filter": name, "samples": len(data.train), "flagged": int(result.flagged.sum()), "kept": len(kept)}
+    row.update({k: metrics[k] for k in ("poisoned", "tpr", "fpr", "precision", "f1", "auroc") if k in metrics})
+    ctx.report.add_table("Filtering", [row], note="TPR/FPR: share of poisoned / clean training samples flagged.")
+    ctx.report.metrics.update({f"filter_{k}": metrics[k] for k in ("tpr", "fpr", "f1", "auroc") if k in metrics})
+    ctx.report.figures.append(f"{target.name}/scores.png")
+    ctx.data = DataBundle(kept, data.test, data.num_classes, data.channels, data.image_size, data.classes, data.name)
+    ctx.artifacts["filter_result"] = result
+    msg = f"  {name}: flagged {row['flagged']} of {row['samples']} training samples"
+    if metrics:
+        msg += f" (TPR {metrics['tpr']:.3f}, FPR {metrics['fpr']:.3f}, AUROC {metrics['auroc']:.3f})"
+    ctx.log(msg)
+
+
+def _validate_filter(params: dict[str, Any], path: str) -> None:
+    FILTERS.build(params.get("filter", "attention_entropy"), f"{path}.filter")
+
+
+filter_data.validate = _validate_filter  # type: ignore[attr-defined]
+
+
+@STEPS.register("reset_model")
+def reset_model(ctx: Context, /, seed: int | None = None) -> None:
+    """Replace the run's model by a freshly initialized one from the config's ``model`` spec (e.g. to retrain)."""
+    from .pipeline import build_model
+
+    if "model" not in ctx.config:
+        raise ConfigError("needs a top-level 'model' to rebuild", "reset_model")
+    torch.manual_seed(ctx.seed if seed is None else seed)
+    ctx.model = build_model(ctx.config["model"], ctx.data).to(ctx.device)
+    ctx.log("  model re-initialized")
 
 
 # --------------------------------------------------------------------------- checkpoints

@@ -1,0 +1,237 @@
+"""Poisoned-sample filters: entropy maths, attention reading, and detection on really poisoned data."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from robustkit.defenses.filtering import (
+    ActivationClustering,
+    AttentionEntropyFilter,
+    SpectralSignatures,
+    attention_entropies,
+    attention_layers,
+    cls_attention_entropy,
+    fit_gmm2,
+    is_bimodal,
+)
+from robustkit.errors import InputError
+from robustkit.eval.filtering import filter_metrics, run_filter
+
+
+# --------------------------------------------------------------------------- maths
+def test_entropy_on_handmade_maps():
+    n_patches = 16
+    t = 1 + n_patches
+    attn = torch.zeros(3, 2, t, t)
+    attn[0, :, 0, 1:] = 1.0 / n_patches                       # uniform over patches -> log P
+    attn[1, :, 0, 5] = 1.0                                     # one-hot -> 0
+    attn[2, 0, 0, 1] = 1.0                                     # two heads on two patches -> log 2
+    attn[2, 1, 0, 2] = 1.0
+    attn[:, :, 0, 0] += 0.0
+    h = cls_attention_entropy(attn)
+    assert h[0] == pytest.approx(math.log(n_patches), abs=1e-5)
+    assert h[1] == pytest.approx(0.0, abs=1e-6)
+    assert h[2] == pytest.approx(math.log(2), abs=1e-5)
+
+
+def test_entropy_ignores_cls_self_attention_and_renormalizes():
+    attn = torch.zeros(1, 1, 5, 5)
+    attn[0, 0, 0] = torch.tensor([0.6, 0.1, 0.1, 0.1, 0.1])  # 60% on CLS itself: patches still uniform
+    assert cls_attention_entropy(attn)[0] == pytest.approx(math.log(4), abs=1e-5)
+    p = torch.tensor([0.5, 0.3, 0.2])
+    attn = torch.zeros(1, 1, 4, 4)
+    attn[0, 0, 0, 1:] = p
+    assert cls_attention_entropy(attn)[0] == pytest.approx(float(-(p * torch.log(p + 1e-8)).sum()), abs=1e-6)
+    with pytest.raises(InputError, match="N x heads x T x T"):
+        cls_attention_entropy(torch.zeros(2, 3, 4))
+
+
+def test_bimodality_test():
+    rng = np.random.default_rng(0)
+    apart = np.concatenate([rng.normal(0, 0.1, 300), rng.normal(2, 0.1, 60)])
+    close = np.concatenate([rng.normal(0, 0.5, 300), rng.normal(0.5, 0.5, 60)])
+    g = fit_gmm2(apart, seed=0)
+    assert is_bimodal(g) and g["means"][0] == pytest.approx(0, abs=0.05) and g["means"][1] == pytest.approx(2, abs=0.05)
+    assert not is_bimodal(fit_gmm2(close, seed=0))
+
+
+# --------------------------------------------------------------------------- reading attention
+def test_timm_attention_read_through_hooks_matches_explicit_maps():
+    vt = pytest.importorskip("timm.models.vision_transformer")
+    torch.manual_seed(0)
+    vit = vt.VisionTransformer(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2,
+                               num_classes=10).eval()
+    x = torch.rand(5, 1, 16, 16)
+    from robustkit.data import ArrayDataset
+
+    ent, names = attention_entropies(vit, ArrayDataset(x, torch.zeros(5, dtype=torch.long)), progress=False)
+    assert names == ["blocks.0.attn", "blocks.1.attn"]
+    # explicit maps: run the blocks by hand with the non-fused attention formula
+    maps = []
+    with torch.no_grad():
+        h = vit.norm_pre(vit._pos_embed(vit.patch_embed(x)))
+        for blk in vit.blocks:
+            a = blk.attn
+            y = blk.norm1(h)
+            qkv = a.qkv(y).reshape(5, y.shape[1], 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
+            maps.append(((qkv[0] * a.scale) @ qkv[1].transpose(-2, -1)).softmax(-1))
+            h = blk(h)
+    expected = torch.stack([cls_attention_entropy(m) for m in maps], dim=1)
+    torch.testing.assert_close(ent, expected, rtol=1e-4, atol=1e-5)
+    assert all(not m._forward_hooks for m in vit.modules()), "hooks must be removed"
+
+
+def test_small_vit_entropies_match_returned_maps():
+    from robustkit.data import ArrayDataset
+    from robustkit.models import SmallViT
+
+    torch.manual_seed(0)
+    vit = SmallViT(image_size=16, in_channels=1, patch_size=4, dim=16, depth=2, heads=2).eval()
+    x = torch.rand(6, 1, 16, 16)
+    ent, _ = attention_entropies(vit, ArrayDataset(x, torch.zeros(6, dtype=torch.long)), batch_size=4, progress=False)
+    _, maps = vit(x, return_attention=True)
+    torch.testing.assert_close(ent, torch.stack([cls_attention_entropy(m) for m in maps], 1))
+
+
+def test_model_without_attention_is_rejected(digits16):
+    from robustkit.models import SmallCNN
+
+    with pytest.raises(InputError, match="no attention layers"):
+        attention_layers(SmallCNN(in_channels=1))
+    with pytest.raises(InputError, match="no attention layers"):
+        AttentionEntropyFilter(progress=False).fit(SmallCNN(in_channels=1), digits16.train)
+
+
+# --------------------------------------------------------------------------- real poisoned data
+@pytest.fixture(scope="module")
+def poisoned_cnn(digits16):
+    """SmallCNN trained on 16x16 digits with 5% BadNets (a third of the target class is poisoned)."""
+    from robustkit.attacks.backdoor import BadNets
+    from robustkit.eval.backdoor import backdoor_metrics
+    from robustkit.models import SmallCNN
+    from robustkit.training import train
+
+    atk = BadNets(size=2)
+    data = atk.poison(digits16.train, rate=0.05, seed=0)
+    torch.manual_seed(0)
+    model = SmallCNN(in_channels=1, width=16)
+    train(model, data, epochs=8, lr=0.05, progress=False)
+    assert backdoor_metrics(model, atk, digits16.test).asr > 0.9
+    return model.eval(), data
+
+
+@pytest.fixture(scope="module")
+def poisoned_vit():
+    """SmallViT (dim 64, depth 4) trained on 32x32 digits with 10% BadNets."""
+    from robustkit.attacks.backdoor import BadNets
+    from robustkit.data import digits
+    from robustkit.eval.backdoor import backdoor_metrics
+    from robustkit.models import SmallViT
+    from robustkit.training import train
+
+    d = digits(size=32)
+    atk = BadNets(size=3)
+    data = atk.poison(d.train, rate=0.1, seed=0)
+    torch.manual_seed(0)
+    model = SmallViT(image_size=32, in_channels=1, patch_size=4, dim=64, depth=4, heads=4)
+    train(model, data, epochs=15, lr=1e-3, optimizer="adamw", weight_decay=0.05, warmup_epochs=2, progress=False)
+    assert backdoor_metrics(model, atk, d.test).asr > 0.9
+    return model.eval(), data
+
+
+@pytest.mark.slow
+def test_attention_entropy_flags_poisoned_far_better_than_chance(poisoned_vit):
+    model, data = poisoned_vit
+    res = AttentionEntropyFilter(progress=False).fit(model, data)
+    m = filter_metrics(res, data.is_poisoned)
+    assert m["auroc"] > 0.85, m
+    assert m["tpr"] > 0.6 and m["tpr"] > 4 * m["fpr"], m
+    assert res.details["layers"] and len(res.details["per_layer"]) == 4
+    again = AttentionEntropyFilter(progress=False).fit(model, data)
+    assert torch.equal(res.scores, again.scores) and torch.equal(res.flagged, again.flagged)
+
+
+def test_feature_filters_flag_poisoned_far_better_than_chance(poisoned_cnn):
+    model, data = poisoned_cnn
+    base_rate = float(data.is_poisoned.float().mean())
+    ac = ActivationClustering(progress=False).fit(model, data)
+    m = filter_metrics(ac, data.is_poisoned)
+    assert m["auroc"] > 0.7 and m["tpr"] > 0.5 and m["tpr"] > 4 * m["fpr"], m
+    ss = SpectralSignatures(expected_rate=0.05, progress=False).fit(model, data)
+    m = filter_metrics(ss, data.is_poisoned)
+    assert m["auroc"] > 0.7 and m["precision"] > 2 * base_rate, m
+    # spectral signatures removes 1.5 x expected rate of every class
+    for c, info in ss.details["per_class"].items():
+        assert info["flagged"] == int(0.075 * info["n"])
+    again = ActivationClustering(progress=False).fit(model, data)
+    assert torch.equal(ac.flagged, again.flagged)
+
+
+def test_filter_metrics_by_hand():
+    from robustkit.base import FilterResult
+
+    res = FilterResult(torch.tensor([0.9, 0.8, 0.1, 0.7, 0.2]), torch.tensor([1, 1, 0, 1, 0]))
+    truth = torch.tensor([1, 1, 1, 0, 0], dtype=torch.bool)
+    m = filter_metrics(res, truth)
+    assert m["tpr"] == pytest.approx(2 / 3) and m["fpr"] == pytest.approx(1 / 2)
+    assert m["precision"] == pytest.approx(2 / 3) and m["f1"] == pytest.approx(2 / 3)
+    assert m["auroc"] == pytest.approx(4 / 6)  # pairs (poisoned, clean) ranked right: 4 of 6
+    with pytest.raises(InputError):
+        filter_metrics(res, torch.ones(3, dtype=torch.bool))
+
+
+def test_run_filter_writes_kept_subset_and_never_touches_input(poisoned_cnn, tmp_path):
+    from robustkit.data.npz import load_npz
+
+    model, data = poisoned_cnn
+    before = data.images.clone(), data.labels.clone()
+    res, metrics = run_filter(model, data, {"name": "spectral_signatures", "expected_rate": 0.05, "progress": False},
+                              tmp_path / "out")
+    assert torch.equal(data.images, before[0]) and torch.equal(data.labels, before[1])
+    for f in ("kept.npz", "flagged.json", "report.json", "report.md", "scores.png"):
+        assert (tmp_path / "out" / f).is_file(), f
+    flagged = json.loads((tmp_path / "out" / "flagged.json").read_text())["flagged_indices"]
+    assert flagged == torch.nonzero(res.flagged).flatten().tolist()
+    with np.load(tmp_path / "out" / "kept.npz") as f:
+        assert f["x"].shape[0] == len(data) - len(flagged)
+    assert load_npz(tmp_path / "out" / "kept.npz").train is not None
+    assert {"tpr", "fpr", "auroc"} <= set(metrics)
+    assert len(res.clean_subset(data)) == len(data) - len(flagged)
+
+
+def test_cli_filter_and_pipeline_step(poisoned_cnn, tmp_path, capsys):
+    from robustkit.cli import main
+    from robustkit.models.loaders import save_checkpoint
+    from robustkit.pipeline import run
+
+    model, data = poisoned_cnn
+    save_checkpoint(model, tmp_path / "m.pt")
+    data.save(tmp_path / "poisoned.npz")
+    rc = main(["filter", "--model", str(tmp_path / "m.pt"), "--data", str(tmp_path / "poisoned.npz"),
+               "--out", str(tmp_path / "clean"), "--filter", "activation_clustering", "--param", "components=5",
+               "--no-progress"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "TPR" in out and (tmp_path / "clean" / "kept.npz").is_file()
+    assert main(["filter", "--model", str(tmp_path / "m.pt"), "--data", str(tmp_path / "nope.npz"),
+                 "--out", str(tmp_path / "x")]) == 2
+    assert main(["filter", "--model", str(tmp_path / "m.pt"), "--data", str(tmp_path / "poisoned.npz"),
+                 "--out", str(tmp_path / "x"), "--no-progress"]) == 2  # SmallCNN has no attention layers
+
+    cfg = {"name": "filter test", "seed": 0, "device": "cpu", "data": {"name": "digits", "size": 16},
+           "model": {"name": "small_cnn", "width": 16},
+           "steps": [{"poison": {"attack": {"name": "badnets", "size": 2}, "rate": 0.05}},
+                     {"train": {"epochs": 3}},
+                     {"filter": {"filter": {"name": "spectral_signatures", "expected_rate": 0.05, "progress": False}}},
+                     {"reset_model": {}},
+                     {"train": {"epochs": 1}}]}
+    report = run(cfg, out_dir=tmp_path / "run", progress=False)
+    row = report.table("Filtering").rows[0]
+    assert row["kept"] == row["samples"] - row["flagged"] and "auroc" in row
+    assert report.table("Training").rows  # the retraining ran on the kept set
+    assert (tmp_path / "run" / "filtered" / "scores.png").is_file()
