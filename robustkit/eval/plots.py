@@ -1,13 +1,15 @@
-"""Plots for reports (matplotlib, Agg backend, no display needed)."""
+"""Plots for reports (matplotlib; Agg backend outside notebooks, no display needed)."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
 import matplotlib
 
-matplotlib.use("Agg")
+if "ipykernel" not in sys.modules:  # inside Jupyter keep the inline backend so plt.show() displays
+    matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .report import save_figure  # noqa: E402
