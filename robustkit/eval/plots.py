@@ -104,13 +104,7 @@ def repair_curves(histories: dict[str, list[dict[str, Any]]], path: str | Path,
             if pts:
                 ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], style, color=color, marker="." if len(pts) < 30 else None,
                         label=f"{label} {key.upper()}")
-    ax.set_xlabel("repair epoch")
-    ax.set_ylabel("%")
-    ax.set_ylim(-3, 103)
-    ax.grid(alpha=0.3)
-    ax.set_title(title)
-    ax.legend(fontsize=7, ncol=2)
-    return save_figure(fig, path)
+    return _save_percent_plot(fig, ax, path, title, "repair epoch", "%")
 
 
 def skip_sweep(sweep: dict[str, list[float]], gammas: list[float], path: str | Path, chosen: str | None = None,
@@ -120,8 +114,13 @@ def skip_sweep(sweep: dict[str, list[float]], gammas: list[float], path: str | P
     for name, asr in sweep.items():
         bold = name == chosen
         ax.plot(gammas, [100 * a for a in asr], "o-" if bold else "-", lw=2.5 if bold else 1, label=name + (" (chosen)" if bold else ""))
-    ax.set_xlabel("gamma (scale of the skip connection)")
-    ax.set_ylabel("excess ASR (%)")
+    return _save_percent_plot(fig, ax, path, title, "gamma (scale of the skip connection)", "excess ASR (%)")
+
+
+def _save_percent_plot(fig: Any, ax: Any, path: str | Path, title: str, xlabel: str, ylabel: str) -> Path:
+    """Shared finish of the percentage plots: labels, 0-100 axis, grid, legend, atomic save."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_ylim(-3, 103)
     ax.grid(alpha=0.3)
     ax.set_title(title)
