@@ -86,6 +86,81 @@ def test_timm_attention_read_through_hooks_matches_explicit_maps():
     assert all(not m._forward_hooks for m in vit.modules()), "hooks must be removed"
 
 
+def _timm_maps_from_unfused_path(vit, x):
+    """Attention maps captured inside timm's own non-fused code path (input of ``attn_drop``)."""
+    maps, handles = [], []
+    for blk in vit.blocks:
+        blk.attn.fused_attn = False
+        handles.append(blk.attn.attn_drop.register_forward_hook(lambda m, a, out: maps.append(out.detach())))
+    try:
+        with torch.no_grad():
+            vit(x)
+    finally:
+        for h in handles:
+            h.remove()
+        for blk in vit.blocks:
+            blk.attn.fused_attn = True
+    return maps
+
+
+def test_timm_hooks_match_unfused_maps_with_qk_norm_and_register_tokens():
+    """q/k norms and tokens between CLS and the patches: the hook maps equal timm's own non-fused maps."""
+    vt = pytest.importorskip("timm.models.vision_transformer")
+    from robustkit.data import ArrayDataset
+
+    torch.manual_seed(1)
+    vit = vt.VisionTransformer(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2,
+                               num_classes=10, qk_norm=True, reg_tokens=2).eval()
+    assert vit.num_prefix_tokens == 3
+    x = torch.rand(4, 1, 16, 16)
+    ent, _ = attention_entropies(vit, ArrayDataset(x, torch.zeros(4, dtype=torch.long)), batch_size=3, progress=False)
+    maps = _timm_maps_from_unfused_path(vit, x)
+    assert len(maps) == 2 and maps[0].shape == (4, 2, 3 + 16, 3 + 16)
+    expected = torch.stack([cls_attention_entropy(m, prefix_tokens=3) for m in maps], dim=1)
+    torch.testing.assert_close(ent, expected, rtol=1e-4, atol=1e-5)
+    # the register tokens are excluded: counting them as patches gives other entropies
+    wrong = torch.stack([cls_attention_entropy(m, prefix_tokens=1) for m in maps], dim=1)
+    assert not torch.allclose(ent, wrong, atol=1e-3)
+    assert all(blk.attn.fused_attn for blk in vit.blocks)  # the model is left as it was
+
+
+def test_timm_vit_without_cls_token_is_rejected():
+    vt = pytest.importorskip("timm.models.vision_transformer")
+    from robustkit.data import ArrayDataset
+
+    vit = vt.VisionTransformer(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=1, num_heads=2,
+                               num_classes=10, class_token=False, global_pool="avg")
+    data = ArrayDataset(torch.rand(2, 1, 16, 16), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(InputError, match="no CLS token"):
+        attention_entropies(vit, data, progress=False)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: AttentionEntropyFilter(batch_size=0),
+    lambda: AttentionEntropyFilter(separation=-1),
+    lambda: AttentionEntropyFilter(layers=[]),
+    lambda: AttentionEntropyFilter(layers="0"),
+    lambda: AttentionEntropyFilter(seed=-1),
+    lambda: ActivationClustering(components=0),
+    lambda: ActivationClustering(size_threshold=0.7),
+    lambda: SpectralSignatures(expected_rate=1.5),
+    lambda: SpectralSignatures(batch_size=2.5),
+])
+def test_bad_parameters_are_rejected(make):
+    with pytest.raises(InputError):
+        make()
+
+
+def test_layer_indices_checked_against_the_model():
+    from robustkit.data import ArrayDataset
+    from robustkit.models import SmallViT
+
+    vit = SmallViT(image_size=16, in_channels=1, patch_size=4, dim=16, depth=2, heads=2)
+    data = ArrayDataset(torch.rand(4, 1, 16, 16), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(InputError, match=r"\[0, 1\]"):
+        AttentionEntropyFilter(layers=[2], progress=False).fit(vit, data)
+
+
 def test_small_vit_entropies_match_returned_maps():
     from robustkit.data import ArrayDataset
     from robustkit.models import SmallViT

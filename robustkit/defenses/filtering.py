@@ -33,6 +33,7 @@ from ..base import DataFilter, FilterResult
 from ..errors import InputError
 from ..registry import FILTERS
 from ..utils import model_device
+from ..validation import check_positive
 
 ENTROPY_EPS = 1e-8
 
@@ -122,7 +123,26 @@ def attention_layers(model: nn.Module) -> list[tuple[str, nn.Module, nn.Module |
 
 
 def _prefix_tokens(model: nn.Module) -> int:
-    return int(getattr(model, "num_prefix_tokens", 1) or 1)
+    """Tokens before the patches (CLS first, then e.g. timm's register / distillation tokens)."""
+    n = getattr(model, "num_prefix_tokens", None)
+    if getattr(model, "cls_token", True) is None or n == 0:
+        raise InputError(
+            f"{type(model).__name__} has no CLS token (class_token=False / global pooling): the attention-entropy "
+            "filter reads the CLS token's attention; use activation_clustering or spectral_signatures"
+        )
+    return 1 if n is None else int(n)
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise InputError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _seed(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise InputError(f"seed must be an integer >= 0, got {value!r}")
+    return int(value)
 
 
 @contextlib.contextmanager
@@ -210,12 +230,19 @@ class AttentionEntropyFilter(DataFilter):
 
     def __init__(self, separation: float = 2.0, layers: list[int] | None = None, batch_size: int = 256,
                  seed: int = 0, progress: bool = True):
-        if not separation > 0:
-            raise InputError(f"separation must be > 0, got {separation!r}")
-        self.separation, self.layers, self.batch_size = float(separation), layers, int(batch_size)
-        self.seed, self.progress = int(seed), bool(progress)
+        self.separation = check_positive(separation, "separation")
+        if layers is not None and (isinstance(layers, (str, bytes)) or not layers
+                                   or not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in layers)):
+            raise InputError(f"layers must be a non-empty list of layer indices, got {layers!r}")
+        self.layers = None if layers is None else [int(i) for i in layers]
+        self.batch_size = _positive_int(batch_size, "batch_size")
+        self.seed, self.progress = _seed(seed), bool(progress)
 
     def fit(self, model: nn.Module, dataset: Dataset) -> FilterResult:
+        if self.layers is not None:  # check the indices before the forward passes
+            depth = len(attention_layers(model))
+            if any(not 0 <= i < depth for i in self.layers):
+                raise InputError(f"layers must be indices in [0, {depth - 1}] ({depth} attention layers), got {self.layers}")
         ent, names = attention_entropies(model, dataset, self.batch_size, self.progress)
         e = ent.double().numpy()
         per_layer = []
@@ -224,10 +251,7 @@ class AttentionEntropyFilter(DataFilter):
             per_layer.append({"layer": name, "means": g["means"], "stds": g["stds"], "weights": g["weights"],
                               "bimodal": is_bimodal(g, self.separation)})
         if self.layers is not None:
-            bad = [i for i in self.layers if not 0 <= int(i) < len(names)]
-            if bad or not self.layers:
-                raise InputError(f"layers must be a non-empty list of indices in [0, {len(names) - 1}], got {self.layers}")
-            chosen, fallback = [int(i) for i in self.layers], False
+            chosen, fallback = list(self.layers), False
         else:
             chosen = [j for j, r in enumerate(per_layer) if r["bimodal"]]
             fallback = not chosen
@@ -281,11 +305,14 @@ class ActivationClustering(DataFilter):
 
     def __init__(self, components: int = 10, size_threshold: float = 0.35, silhouette_threshold: float = 0.10,
                  batch_size: int = 256, seed: int = 0, progress: bool = True):
-        if not 0 < size_threshold < 0.5 + 1e-9:
+        if not 0 < check_positive(size_threshold, "size_threshold") <= 0.5:
             raise InputError(f"size_threshold must be in (0, 0.5], got {size_threshold!r}")
-        self.components, self.size_threshold = int(components), float(size_threshold)
-        self.silhouette_threshold, self.batch_size = float(silhouette_threshold), int(batch_size)
-        self.seed, self.progress = int(seed), bool(progress)
+        if not -1.0 <= float(silhouette_threshold) <= 1.0:
+            raise InputError(f"silhouette_threshold must be in [-1, 1], got {silhouette_threshold!r}")
+        self.components, self.size_threshold = _positive_int(components, "components"), float(size_threshold)
+        self.silhouette_threshold = float(silhouette_threshold)
+        self.batch_size = _positive_int(batch_size, "batch_size")
+        self.seed, self.progress = _seed(seed), bool(progress)
 
     def fit(self, model: nn.Module, dataset: Dataset) -> FilterResult:
         import warnings
@@ -343,7 +370,7 @@ class SpectralSignatures(DataFilter):
         if not removal_factor > 0:
             raise InputError(f"removal_factor must be > 0, got {removal_factor!r}")
         self.expected_rate, self.removal_factor = float(expected_rate), float(removal_factor)
-        self.batch_size, self.progress = int(batch_size), bool(progress)
+        self.batch_size, self.progress = _positive_int(batch_size, "batch_size"), bool(progress)
 
     def fit(self, model: nn.Module, dataset: Dataset) -> FilterResult:
         feats, labels = penultimate_features(model, dataset, self.batch_size, self.progress)
