@@ -18,6 +18,7 @@ from robustkit.defenses.filtering import (
     cls_attention_entropy,
     fit_gmm2,
     is_bimodal,
+    low_cluster,
 )
 from robustkit.errors import InputError
 from robustkit.eval.filtering import filter_metrics, run_filter
@@ -58,6 +59,20 @@ def test_bimodality_test():
     g = fit_gmm2(apart, seed=0)
     assert is_bimodal(g) and g["means"][0] == pytest.approx(0, abs=0.05) and g["means"][1] == pytest.approx(2, abs=0.05)
     assert not is_bimodal(fit_gmm2(close, seed=0))
+
+
+def test_low_cluster_is_a_lower_tail():
+    """A narrow low cluster next to a wide one: the mixture alone would give the extreme lows to the wide one."""
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.normal(3.8, 0.15, 1000), rng.normal(3.3, 0.02, 100), [3.1, 3.12, 3.15]])
+    g = fit_gmm2(values, seed=0)
+    low = int(g["order"][0])
+    assert not (g["model"].predict(values[-3:, None]) == low).any()  # the trap the cut avoids
+    mask, cut = low_cluster(values, g)
+    assert mask[-103:].all() and mask.sum() < 1000 * 0.05 + 103
+    assert np.array_equal(mask, values <= cut) and g["means"][0] <= cut < g["means"][1]
+    mask, cut = low_cluster(np.linspace(8.0, 9.0, 10), fit_gmm2(np.arange(10.0), seed=0))
+    assert cut is None and not mask.any()  # all at or above the upper mean: nothing flagged
 
 
 # --------------------------------------------------------------------------- reading attention

@@ -6,7 +6,8 @@
   CLS-to-patch attention is averaged over heads, renormalized and its entropy
   ``H = -sum p log(p + 1e-8)`` taken; layers whose entropies are bimodal (2-component GMM with
   ``|mu1 - mu2| > 2 (sigma1 + sigma2)``) are "sensitive"; a sample's entropy score is the mean
-  over sensitive layers; a 2-component GMM on those scores flags the low-entropy cluster.
+  over sensitive layers; a 2-component GMM on those scores flags the low-entropy cluster (as a
+  lower tail, see :func:`low_cluster`).
 - :class:`ActivationClustering` - Chen et al., "Detecting Backdoor Attacks on Deep Neural
   Networks by Activation Clustering", SafeAI @ AAAI 2019.
 - :class:`SpectralSignatures` - Tran, Li, Madry, "Spectral Signatures in Backdoor Attacks",
@@ -224,8 +225,8 @@ class AttentionEntropyFilter(DataFilter):
 
     ``scores`` are the negative mean entropy (higher = more suspicious). When no layer is
     bimodal, all layers are used and ``details['fallback']`` says so. ``details`` also holds
-    every layer's entropy mixture, the chosen layers and the score threshold between the two
-    clusters.
+    every layer's entropy mixture, the chosen layers and ``threshold``: a sample is flagged
+    iff its score is at least that (None when nothing is flagged).
     """
 
     def __init__(self, separation: float = 2.0, layers: list[int] | None = None, batch_size: int = 256,
@@ -259,10 +260,9 @@ class AttentionEntropyFilter(DataFilter):
                 chosen = list(range(len(names)))
         entropy = e[:, chosen].mean(axis=1)
         g = fit_gmm2(entropy, self.seed)
-        low = int(g["order"][0])  # mixture component with the lower mean entropy
-        flagged = g["model"].predict(entropy.reshape(-1, 1)) == low
+        flagged, cut = low_cluster(entropy, g)
         scores = torch.from_numpy(-entropy)
-        threshold = _threshold(scores.numpy(), flagged)
+        threshold = None if cut is None else -cut
         details = {
             "layers": [names[j] for j in chosen], "layer_indices": chosen, "fallback": fallback,
             "per_layer": per_layer, "score_gmm": {k: g[k] for k in ("means", "stds", "weights")},
@@ -273,12 +273,24 @@ class AttentionEntropyFilter(DataFilter):
         return FilterResult(scores.float(), torch.from_numpy(flagged), details)
 
 
-def _threshold(scores: np.ndarray, flagged: np.ndarray) -> float | None:
-    """The lowest flagged score when the flagged samples are exactly those at or above it, else None."""
-    if flagged.all() or not flagged.any():
-        return None
-    lo = float(scores[flagged].min())
-    return lo if bool((scores[~flagged] < lo).all()) else None
+def low_cluster(values: np.ndarray, gmm: dict[str, Any]) -> tuple[np.ndarray, float | None]:
+    """``(mask, cut)``: the samples of the lower-mean mixture component, as a lower tail ``values <= cut``.
+
+    The mixture's own assignment is not monotone when the components' widths differ: the wider
+    one also wins the far tail on the *other* side, so a narrow poisoned cluster would leave the
+    most extreme (lowest-entropy) samples unflagged, or a narrow clean cluster would hand its
+    far upper tail to the flagged side. ``cut`` is the largest value assigned to the low
+    component that lies below the high component's mean; everything at or below it is
+    flagged (``cut`` is None and nothing is flagged when no such value exists).
+    """
+    v = np.asarray(values, dtype=np.float64)
+    low = int(gmm["order"][0])  # index of the lower-mean component in the fitted model
+    assigned = gmm["model"].predict(v.reshape(-1, 1)) == low
+    below = assigned & (v < gmm["means"][1])
+    if not below.any():
+        return np.zeros(v.shape, dtype=bool), None
+    cut = float(v[below].max())
+    return v <= cut, cut
 
 
 def _per_class(labels: torch.Tensor) -> Iterator[tuple[int, np.ndarray]]:
