@@ -276,7 +276,7 @@ def test_filter_metrics_by_hand():
 
 
 def test_run_filter_writes_kept_subset_and_never_touches_input(poisoned_cnn, tmp_path):
-    from robustkit.data.npz import load_npz
+    from robustkit.data.npz import images_to_tensor, load_npz
 
     model, data = poisoned_cnn
     before = data.images.clone(), data.labels.clone()
@@ -289,9 +289,20 @@ def test_run_filter_writes_kept_subset_and_never_touches_input(poisoned_cnn, tmp
     assert flagged == torch.nonzero(res.flagged).flatten().tolist()
     with np.load(tmp_path / "out" / "kept.npz") as f:
         assert f["x"].shape[0] == len(data) - len(flagged)
+        assert f["source_index"].tolist() == res.kept_indices()
+        i = int(f["source_index"][3])
+        assert np.array_equal(f["y"][3], data.labels[i].numpy())
+        torch.testing.assert_close(images_to_tensor(f["x"])[3], data.images[i], atol=1 / 255, rtol=0)
     assert load_npz(tmp_path / "out" / "kept.npz").train is not None
     assert {"tpr", "fpr", "auroc"} <= set(metrics)
     assert len(res.clean_subset(data)) == len(data) - len(flagged)
+    # an output file that would overwrite the input (file, or folder holding the outputs) is refused up front
+    src = tmp_path / "out" / "kept.npz"
+    stamp = src.stat().st_mtime_ns
+    for input_path, out in ((src, tmp_path / "out"), (tmp_path / "out", tmp_path / "out" / "sub")):
+        with pytest.raises(InputError, match="overwrite the input"):
+            run_filter(model, data, {"name": "spectral_signatures", "progress": False}, out, input_path=input_path)
+    assert src.stat().st_mtime_ns == stamp
 
 
 def test_cli_filter_and_pipeline_step(poisoned_cnn, tmp_path, capsys):

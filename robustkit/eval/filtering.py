@@ -73,16 +73,27 @@ def score_histogram(result: FilterResult, path: str | Path, poisoned: torch.Tens
     return save_figure(fig, path)
 
 
+OUTPUT_FILES = ("kept.npz", "flagged.json", "report.json", "report.md", "scores.png")
+
+
 def run_filter(model: nn.Module, dataset: Dataset, data_filter: DataFilter | Any, out_dir: str | Path,
-               name: str | None = None) -> tuple[FilterResult, dict[str, Any]]:
+               name: str | None = None, input_path: str | Path | None = None) -> tuple[FilterResult, dict[str, Any]]:
     """Score ``dataset``, write the kept samples and a report into ``out_dir``; the input is never modified.
 
     Writes ``kept.npz`` (the unflagged samples, readable by the ``npz`` dataset or
-    :func:`~robustkit.data.npz.load_npz`), ``flagged.json`` (flagged indices of the input),
-    ``report.json`` / ``report.md`` and ``scores.png``. With ground truth (a poisoned set saved
-    by robustkit) the report holds TPR, FPR, precision, F1 and AUROC. ``data_filter`` is a
-    :class:`DataFilter` or a ``FILTERS`` spec. Returns ``(result, metrics or {})``.
+    :func:`~robustkit.data.npz.load_npz`, plus an array ``source_index``: each kept sample's
+    index in the input), ``flagged.json`` (flagged indices of the input), ``report.json`` /
+    ``report.md`` and ``scores.png``. With ground truth (a poisoned set saved by robustkit) the
+    report holds TPR, FPR, precision, F1 and AUROC. ``data_filter`` is a :class:`DataFilter` or
+    a ``FILTERS`` spec. ``input_path``, the file or folder the data was read from, is checked
+    against the files to be written (an :class:`InputError` before any work if one would
+    overwrite it). Returns ``(result, metrics or {})``.
     """
+    if input_path is not None:
+        src = Path(input_path).resolve()
+        clash = [f for f in OUTPUT_FILES if (Path(out_dir) / f).resolve() == src or src in (Path(out_dir) / f).resolve().parents]
+        if clash:
+            raise InputError(f"writing {clash[0]} into {out_dir} would overwrite the input data {input_path}; choose another --out")
     from ..data.arrays import to_tensors
     from ..data.npz import save_npz
     from ..io import atomic_write_json
@@ -96,7 +107,7 @@ def run_filter(model: nn.Module, dataset: Dataset, data_filter: DataFilter | Any
     result = filt.fit(model, dataset)
     x, y = to_tensors(dataset)
     keep = torch.as_tensor(result.kept_indices(), dtype=torch.long)
-    save_npz(out / "kept.npz", x[keep], y[keep], classes=getattr(dataset, "classes", None))
+    save_npz(out / "kept.npz", x[keep], y[keep], classes=getattr(dataset, "classes", None), source_index=keep)
     flagged_idx = torch.nonzero(result.flagged).flatten().tolist()
     atomic_write_json(out / "flagged.json", {"filter": label, "flagged_indices": flagged_idx, "samples": len(y)})
     truth = ground_truth(dataset)
