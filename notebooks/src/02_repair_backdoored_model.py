@@ -4,16 +4,20 @@
 # Someone hands you a trained classifier that may carry a backdoor, plus a little clean data
 # (here 5% of the training set, class-balanced, as in BackdoorBench). This notebook:
 #
-# 1. poisons the built-in digits (real scans shipped with scikit-learn) with **BadNets** and
-#    **Blended** triggers and trains a PreActResNet18 victim on each;
+# 1. poisons the built-in digits (real scans shipped with scikit-learn) with **BadNets** (a
+#    patch; Gu et al., 2017) and **Blended** (a full-image pattern mixed in; Chen et al., 2017)
+#    triggers and trains a PreActResNet18 victim on each;
 # 2. repairs each victim with vanilla **fine-tuning**, **FT-SAM** (Zhu et al., ICCV 2023) and
 #    **skip-connection suppression** (Yang et al., ICASSP 2023);
-# 3. plots ACC and ASR over the repair epochs and prints the DER table.
+# 3. plots ACC and ASR over the repair epochs and prints the DER table (BackdoorBench; Wu et al.,
+#    NeurIPS 2022 Datasets and Benchmarks).
 #
 # The defenses never see the attacker's trigger: it is used only to *measure* ASR. The CLI
 # equivalent is `robustkit repair configs/repair_ftsam.yaml` (see docs/guide_repair.md).
-# To stay under a few minutes on 2 CPU cores the victims are small (PreActResNet18 with width 8
-# on 16x16 digits); `benchmarks/repair.py` runs the wider model on 32x32 images and all four attacks.
+# To stay well under a minute on 2 CPU cores the victims are small (PreActResNet18 with width 8
+# on 16x16 digits; the sizes are in the first code cell). FT-SAM and skip suppression both need a
+# network with residual blocks, hence the ResNet. `benchmarks/repair.py` runs the wider model
+# (width 16) on 32x32 images against all four attacks; its results are in docs/repair.md.
 
 # %%
 import time
@@ -26,9 +30,15 @@ from robustkit.models import PreActResNet18
 from robustkit.defenses import FineTune, FTSAM, SkipSuppression
 from robustkit.eval.backdoor import backdoor_metrics, defense_effectiveness_rating
 
+# sizes: the defaults keep the notebook under a minute on 2 CPU cores
+SIZE = 16            # digits upsampled to SIZE x SIZE (32 in benchmarks/repair.py)
+WIDTH = 8            # PreActResNet18 base width (64 is the paper's; 16 in benchmarks/repair.py)
+VICTIM_EPOCHS = 10   # victim training (30 in configs/repair_ftsam.yaml)
+REPAIR_EPOCHS = 40   # FineTune / FT-SAM passes over the 5% clean subset (100 in the paper)
+
 torch.set_num_threads(2)
 t_start = time.time()
-data = digits(size=16)
+data = digits(size=SIZE)
 attacks = {"BadNets": BadNets(target=0, size=2), "Blended": Blended(target=0, alpha=0.2)}
 
 # %% [markdown]
@@ -41,8 +51,8 @@ victims, before = {}, {}
 for name, attack in attacks.items():
     poisoned = attack.poison(data.train, rate=0.1, seed=0)
     torch.manual_seed(0)
-    model = PreActResNet18(in_channels=1, num_classes=10, width=8)
-    robustkit.train(model, poisoned, epochs=10, lr=0.01, batch_size=64, progress=False)
+    model = PreActResNet18(in_channels=1, num_classes=10, width=WIDTH)
+    robustkit.train(model, poisoned, epochs=VICTIM_EPOCHS, lr=0.01, batch_size=64, progress=False)
     victims[name] = model.eval()
     before[name] = backdoor_metrics(model, attack, data.test)
     print(f"{name:8} victim: ACC {before[name].acc:.1%}  ASR {before[name].asr:.1%}")
@@ -70,8 +80,8 @@ plt.show()
 
 # %%
 defenses = {
-    "FineTune": FineTune(epochs=40, batch_size=32, eval_every=2),
-    "FT-SAM": FTSAM(epochs=40, batch_size=32, eval_every=2),
+    "FineTune": FineTune(epochs=REPAIR_EPOCHS, batch_size=32, eval_every=2),
+    "FT-SAM": FTSAM(epochs=REPAIR_EPOCHS, batch_size=32, eval_every=2),
     "SkipSuppression": SkipSuppression(epochs=10, batch_size=32),
 }
 results = {}
@@ -102,8 +112,11 @@ plt.tight_layout(); plt.show()
 
 # %% [markdown]
 # ## 4. The DER table
-# BackdoorBench's defense effectiveness rating, `DER = [max(0, dASR) - max(0, dACC) + 1] / 2`:
-# 1 means the backdoor is gone at no accuracy cost, 0.5 means nothing changed.
+# BackdoorBench's defense effectiveness rating, `DER = [max(0, dASR) - max(0, dACC) + 1] / 2`, with
+# dASR = ASR before - ASR after and dACC = ACC before - ACC after: 1 means the backdoor is gone at
+# no accuracy cost, 0.5 means nothing changed (or the ASR drop was paid for one-to-one in accuracy).
+# RA (robust accuracy) is the share of triggered test images, of classes other than the target,
+# that are still given their true label. All numbers are on the test split, which no defense saw.
 
 # %%
 print(f"| attack | defense | ACC | ASR | RA | DER |")
@@ -118,12 +131,12 @@ print(f"\nnotebook ran in {time.time() - t_start:.0f} s")
 
 # %% [markdown]
 # ## Keep the repaired model
-# `save_checkpoint` writes it atomically; a model repaired by skip suppression stores its
-# suppressed skip connection too, and `load_checkpoint` puts it back.
+# `save_checkpoint` writes it atomically (here under `runs/`, which git ignores); a model repaired
+# by skip suppression stores its suppressed skip connection too, and `load_checkpoint` puts it back.
 
 # %%
 from robustkit.models.loaders import save_checkpoint, load_checkpoint
 
-path = save_checkpoint(results["BadNets", "SkipSuppression"].model, "repaired_badnets.pt")
+path = save_checkpoint(results["BadNets", "SkipSuppression"].model, "runs/notebook02/repaired_badnets.pt")
 reloaded = load_checkpoint(path)
 print(path, "skip scaling:", reloaded.skip_scaling)
