@@ -266,7 +266,7 @@ class AttentionEntropyFilter(DataFilter):
         details = {
             "layers": [names[j] for j in chosen], "layer_indices": chosen, "fallback": fallback,
             "per_layer": per_layer, "score_gmm": {k: g[k] for k in ("means", "stds", "weights")},
-            "score_bimodal": is_bimodal(g, self.separation), "threshold": threshold,
+            "score_bimodal": is_bimodal(g, self.separation), "separation": self.separation, "threshold": threshold,
             "score": "negative mean CLS-attention entropy over the chosen layers",
             "entropy": torch.from_numpy(entropy), "layer_entropy": ent,
         }
@@ -373,6 +373,10 @@ class SpectralSignatures(DataFilter):
     each sample by ``(<r_i, v>)^2``; the ``removal_factor * expected_rate`` (1.5 x eps in the
     paper) highest-scoring share of *every* class is flagged. ``scores`` are divided by the
     class's mean score so that they compare across classes (for AUROC).
+
+    As in the paper's analysis, poisoned samples must be a minority of their class: when they
+    are about half of it (all-to-one poisoning at ~1/num_classes rate), both halves lie equally
+    far from the class mean and the squared projection cannot rank them (docs/filtering.md).
     """
 
     def __init__(self, expected_rate: float = 0.1, removal_factor: float = 1.5, batch_size: int = 256,
