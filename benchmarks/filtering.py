@@ -39,6 +39,16 @@ VIT = {"name": "small_vit", "image_size": 32, "in_channels": 1, "num_classes": 1
 RECIPE = {"epochs": 30, "lr": 1e-3, "optimizer": "adamw", "weight_decay": 0.05, "warmup_epochs": 2}
 
 
+def layer_diagnostics(result, truth: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per attention layer: AUROC of the negative entropy alone, and the bimodality test's ratio."""
+    from sklearn.metrics import roc_auc_score
+
+    ent = result.details["layer_entropy"].double().numpy()
+    auroc = [float(roc_auc_score(truth.numpy(), -ent[:, j])) for j in range(ent.shape[1])]
+    sep = [abs(r["means"][1] - r["means"][0]) / (r["stds"][0] + r["stds"][1]) for r in result.details["per_layer"]]
+    return auroc, sep
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="BadNets only, 15 epochs")
@@ -91,11 +101,16 @@ def main(argv=None) -> int:
             if "layers" in result.details:
                 row["layers"] = result.details["layers"]
                 row["fallback"] = result.details["fallback"]
+                row["layer_auroc"], row["layer_separation"] = layer_diagnostics(result, poisoned.is_poisoned)
             rows.append(row)
             hists[(aname, fname)] = (result.scores.numpy(), poisoned.is_poisoned.numpy(), result.details.get("score", ""))
             print(f"{aname:8} {fname:22} {100 * met['tpr']:6.1f} {100 * met['fpr']:6.1f} {100 * met['precision']:6.1f} "
                   f"{100 * met['f1']:6.1f} {met['auroc']:6.3f} {len(kept):5d} {100 * m1.acc:6.1f} {100 * m1.asr:6.1f} {sec:5.1f}",
                   flush=True)
+            if "layer_auroc" in row:
+                print(f"{'':31} per layer: AUROC of -H " + " ".join(f"{a:.3f}" for a in row["layer_auroc"])
+                      + "; GMM separation |mu1-mu2|/(s1+s2) " + " ".join(f"{r:.2f}" for r in row["layer_separation"])
+                      + f" (bimodal if > {result.details.get('separation', 2.0)})", flush=True)
 
     checks = {}
     for aname in ("badnets", "blended"):
