@@ -156,6 +156,8 @@ print(f"notebook ran in {time.time() - t_start:.0f} s")
 # - Compare the clean columns: the defense costs little or no clean accuracy here.
 # - Compare PGD with EOT-PGD on the defended model: the gap is what a non-adaptive evaluation
 #   would have overstated. `robustkit eval` flags such rows as "not adaptive" in its reports.
+# - Report the lowest number among the adaptive attacks (EOT-PGD, AutoAttack-rand) as the
+#   defense's robust accuracy: each attack is only an upper bound on it.
 # - The defense's gain is largest around eps = 8/255; at small radii both models keep most of
 #   their accuracy anyway.
 # - These are a few hundred attacked digits: a difference of one or two points is noise.
