@@ -181,7 +181,7 @@ def _filter(args: argparse.Namespace) -> int:
     filt = FILTERS.build(spec, "--filter")
     model = load_checkpoint(args.model, map_location=resolve_device(args.device))
     data = _load_suspect_data(args.data)
-    result, metrics = run_filter(model, data, filt, args.out, name=args.filter)
+    result, metrics = run_filter(model, data, filt, args.out, name=args.filter, input_path=args.data)
     n, k = result.flagged.numel(), int(result.flagged.sum())
     print(f"{args.filter}: flagged {k} of {n} samples; kept {n - k} -> {Path(args.out) / 'kept.npz'}")
     if metrics:

@@ -348,8 +348,7 @@ def repair(ctx: Context, /, defense: Any = "ft_sam", attack: Any = None) -> None
                         progress=ctx.progress and ctx.is_main)
     ctx.model = result.model
     ctx.artifacts.setdefault("repairs", {})[name] = result
-    rows = [{k: v for k, v in h.items()} for h in result.history]
-    ctx.report.add_table(f"Repair history ({name})", rows)
+    ctx.report.add_table(f"Repair history ({name})", [dict(h) for h in result.history])
     details = {k: v for k, v in result.details.items() if not isinstance(v, dict)}
     if before is not None:
         after = backdoor_metrics(result.model, atk, data.test, data.num_classes)
