@@ -8,7 +8,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import attacks, data, defenses, kernels, models  # noqa: F401  (registers plug-ins)
+from . import attacks, backdoor, data, filtering, models, preprocessing, repair  # noqa: F401  (registers plug-ins)
+from . import defenses, kernels  # noqa: F401  (compatibility fronts)
 from .models import robustbench_zoo  # noqa: F401,E402  (registers the 'robustbench' model)
 from .base import (
     BackdoorAttack,
@@ -18,6 +19,7 @@ from .base import (
     ModelRepair,
     Preprocessor,
     RepairResult,
+    ResultDetails,
 )
 from .errors import ConfigError, DataNotFoundError, InputError, RobustkitError, UnknownNameError
 from .registry import (
@@ -32,8 +34,7 @@ from .registry import (
     STEPS,
 )
 from .wrap import Defended, wrap
-from . import steps  # noqa: F401,E402  (registers pipeline steps)
-from .pipeline import load_config, run, validate_config  # noqa: E402
+from .pipeline import load_config, run, validate_config  # noqa: E402  (also registers the steps)
 from .training import TrainResult, train, train_classifier  # noqa: E402
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     "BackdoorAttack",
     "ModelRepair",
     "RepairResult",
+    "ResultDetails",
     "DataFilter",
     "FilterResult",
     "RobustkitError",

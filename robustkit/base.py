@@ -13,15 +13,19 @@ guarantees the contract (range, eps-ball, no mutation), a subclass does the math
 from __future__ import annotations
 
 import abc
+import copy
+import inspect
 import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from fractions import Fraction
+from typing import Any, ClassVar, Sequence
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from .errors import InputError
+from .inference import eval_mode
 from .validation import check_images, check_labels, check_same_device
 
 
@@ -68,11 +72,21 @@ class EvasionAttack(abc.ABC):
     """Base of test-time (evasion) attacks: ``x_adv = attack(model, x, y)``.
 
     The base class validates the inputs, switches the model to eval mode for the
-    duration (restoring it after), and checks the result never leaves ``[0, 1]`` or the
-    ``eps``-ball of the given ``norm`` - a violated bound is a bug and raises.
+    duration (restoring every module's mode after), and checks the result never leaves
+    ``[0, 1]`` or the ``eps``-ball of the given ``norm`` - a violated bound is a bug and raises.
+
+    Declared protocol (what evaluators read instead of introspecting):
+
+    - ``eot_samples``: forward passes averaged per gradient (Expectation over Transformation);
+      1 = none. ``eot_samples > 1`` makes the attack adaptive against randomized defenses.
+    - ``seed``: seed of the attack's own randomness (``None``: torch's global RNG).
+    - :meth:`label` / :meth:`family`: how reports name it.
+    - :meth:`with_options`: a copy with some settings changed (e.g. ``seed`` per batch).
     """
 
     norm: str = "linf"
+    eot_samples: int = 1
+    seed: int | None = None
 
     def __init__(self, eps: float, norm: str = "linf", targeted: bool = False):
         norm = norm.lower()
@@ -88,6 +102,27 @@ class EvasionAttack(abc.ABC):
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Return adversarial images for a validated batch (subclasses implement this)."""
 
+    def family(self) -> str:
+        """The attack's name without its radius, e.g. ``EOT-PGD-Linf`` (used to group plot curves)."""
+        norm = "Linf" if self.norm == "linf" else self.norm.upper()
+        return f"{'EOT-' if self.eot_samples > 1 else ''}{type(self).__name__}-{norm}"
+
+    def label(self) -> str:
+        """How reports name the attack, e.g. ``EOT-PGD-Linf eps=8/255 EOT=8``."""
+        parts = [self.family(), f"eps={format_eps(self.eps, self.norm)}"]
+        if self.eot_samples > 1:
+            parts.append(f"EOT={self.eot_samples}")
+        return " ".join(parts)
+
+    def with_options(self, **changes: Any) -> "EvasionAttack":
+        """A shallow copy with the given attributes changed; unknown names raise."""
+        new = copy.copy(self)
+        for key, value in changes.items():
+            if not hasattr(new, key):
+                raise InputError(f"{type(self).__name__} has no setting {key!r}")
+            setattr(new, key, value)
+        return new
+
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         check_images(x, "x")
         check_labels(y, x.shape[0], "y")
@@ -96,12 +131,8 @@ class EvasionAttack(abc.ABC):
             if p.device != x.device:
                 raise InputError(f"model is on {p.device} but x is on {x.device}; move them to one device")
             break
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             x_adv = self.perturb(model, x.detach(), y.detach())
-        finally:
-            model.train(was_training)
         self.check_bounds(x, x_adv)
         return x_adv.detach()
 
@@ -141,9 +172,14 @@ class BackdoorAttack(abc.ABC):
 
     ``target`` is the attacker's label (all-to-one); ``all_to_all=True`` maps label ``y``
     to ``(y + 1) % num_classes`` instead.
+
+    Declared protocol: ``clean_label`` (poison only target-class samples, keep labels);
+    :meth:`extra_samples` / :meth:`apply_extra` for attacks that also alter some *unpoisoned*
+    samples with their labels kept (WaNet's noise mode); :meth:`config` gives the constructor
+    arguments that rebuild the exact attack (written to poisoned-data manifests).
     """
 
-    clean_label: bool = False
+    clean_label: ClassVar[bool] = False
 
     def __init__(self, target: int = 0, all_to_all: bool = False):
         if not isinstance(target, int) or target < 0:
@@ -156,10 +192,34 @@ class BackdoorAttack(abc.ABC):
         """Return a copy of the batch ``x`` (N x C x H x W in [0, 1]) with the trigger."""
 
     def poison(self, dataset: Dataset, rate: float = 0.1, seed: int = 0, num_classes: int | None = None):
-        """A :class:`~robustkit.data.poisoned.PoisonedDataset` with this trigger in ``rate`` of ``dataset``."""
-        from .data.poisoned import PoisonedDataset
+        """A :class:`~robustkit.backdoor.poisoned.PoisonedDataset` with this trigger in ``rate`` of ``dataset``."""
+        from .backdoor.poisoned import PoisonedDataset
 
         return PoisonedDataset(dataset, self, rate=rate, seed=seed, num_classes=num_classes)
+
+    def extra_samples(self, n_poisoned: int) -> int:
+        """How many further (label-kept) samples :meth:`apply_extra` alters, given ``n_poisoned`` (default 0)."""
+        return 0
+
+    def apply_extra(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Alter the extra samples (only called when :meth:`extra_samples` is > 0)."""
+        raise NotImplementedError(f"{type(self).__name__} declares no extra samples")
+
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments (plain data) that rebuild this exact attack.
+
+        The default reads each ``__init__`` parameter from the attribute of the same name and
+        raises :class:`InputError` if one is missing or not plain data; attacks holding arrays
+        override it.
+        """
+        out: dict[str, Any] = {}
+        for name, param in inspect.signature(type(self).__init__).parameters.items():
+            if name == "self" or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                continue
+            if not hasattr(self, name):
+                raise InputError(f"{type(self).__name__}.config(): no attribute {name!r} to record; override config()")
+            out[name] = _plain(getattr(self, name), f"{type(self).__name__}.{name}")
+        return out
 
     def target_labels(self, y: torch.Tensor, num_classes: int) -> torch.Tensor:
         """The labels the backdoor should make the model predict for true labels ``y``."""
@@ -168,13 +228,80 @@ class BackdoorAttack(abc.ABC):
         return torch.full_like(y, self.target)
 
 
+def _plain(value: Any, where: str) -> Any:
+    if isinstance(value, (bool, int, float, str, type(None))):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, where) for v in value]
+    raise InputError(f"{where} is a {type(value).__name__}, which a manifest cannot record as plain data")
+
+
+def format_eps(eps: float, norm: str) -> str:
+    """``8/255`` for Linf radii that are small fractions of 255, else ``%g``."""
+    if norm == "linf":
+        frac = Fraction(eps * 255).limit_denominator(8)
+        if abs(float(frac) - eps * 255) < 1e-6:
+            return f"{frac}/255"
+    return f"{eps:g}"
+
+
+@dataclass
+class ResultDetails:
+    """Typed details of a :class:`RepairResult` or :class:`FilterResult`.
+
+    Subclasses are dataclasses whose fields say what a defense chose (layers, thresholds,
+    sweeps). They render themselves: :meth:`summary` (scalar fields: one report-table row),
+    :meth:`tables` (extra named tables) and :meth:`figures` (plots written into a folder).
+    Mapping-style reads (``details["layer"]``, ``"sweep" in details``) keep working.
+    """
+
+    def summary(self) -> dict[str, Any]:
+        """The scalar fields (and short lists of scalars), for one table row."""
+        def plain(v: Any) -> bool:
+            return isinstance(v, (str, int, float, bool)) or v is None
+
+        return {k: v for k, v in vars(self).items()
+                if plain(v) or (isinstance(v, list) and len(v) < 20 and all(plain(e) for e in v))}
+
+    def tables(self) -> list[tuple[str, list[dict[str, Any]]]]:
+        """Extra ``(title, rows)`` tables for a report (default: none)."""
+        return []
+
+    def figures(self, out_dir: Any) -> list[str]:
+        """Write plots into ``out_dir``; return their file names (default: none)."""
+        return []
+
+    def __getitem__(self, key: str) -> Any:
+        try:
+            return getattr(self, key)
+        except AttributeError:
+            raise KeyError(key) from None
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and key in vars(self)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key, default)
+
+    def keys(self) -> list[str]:
+        return list(vars(self))
+
+    def items(self) -> list[tuple[str, Any]]:
+        return list(vars(self).items())
+
+
 @dataclass
 class RepairResult:
-    """What a :class:`ModelRepair` returns: the repaired model and per-epoch history."""
+    """What a :class:`ModelRepair` returns: the repaired model, per-epoch history, typed details.
+
+    ``collapsed`` is set by a repair whose clean accuracy fell past its bound (see the repair's
+    docstring); evaluators and reports must show it loudly.
+    """
 
     model: nn.Module
     history: list[dict[str, float]] = field(default_factory=list)
-    details: dict[str, Any] = field(default_factory=dict)
+    details: ResultDetails = field(default_factory=ResultDetails)
+    collapsed: bool = False
 
 
 class ModelRepair(abc.ABC):
@@ -191,7 +318,7 @@ class FilterResult:
 
     scores: torch.Tensor
     flagged: torch.Tensor
-    details: dict[str, Any] = field(default_factory=dict)
+    details: ResultDetails = field(default_factory=ResultDetails)
 
     def __post_init__(self) -> None:
         if self.scores.dim() != 1 or self.flagged.shape != self.scores.shape:
@@ -225,6 +352,7 @@ __all__: Sequence[str] = [
     "BackdoorAttack",
     "ModelRepair",
     "RepairResult",
+    "ResultDetails",
     "DataFilter",
     "FilterResult",
 ]

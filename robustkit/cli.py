@@ -142,7 +142,7 @@ def _load_suspect_data(path: str):
     """A robustkit poisoned set (with ground truth) or a plain ``.npz`` holding ``x`` and ``y``."""
     from .data.arrays import ArrayDataset
     from .data.npz import images_to_tensor
-    from .data.poisoned import load_poisoned
+    from .backdoor.poisoned import load_poisoned
     from .errors import DataNotFoundError, InputError
 
     p = Path(path)
@@ -165,8 +165,8 @@ def _filter(args: argparse.Namespace) -> int:
     import yaml
 
     from .errors import ConfigError
-    from .eval.filtering import run_filter
-    from .models.loaders import load_checkpoint
+    from .filtering.run import run_filter
+    from .models.checkpoints import load_checkpoint
     from .registry import FILTERS
     from .utils import resolve_device
 

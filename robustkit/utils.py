@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import random
-from typing import Iterator
+from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -47,3 +48,16 @@ def batches(n: int, batch_size: int) -> Iterator[slice]:
         raise ConfigError(f"batch_size must be > 0, got {batch_size}", "batch_size")
     for start in range(0, n, batch_size):
         yield slice(start, min(start + batch_size, n))
+
+
+def progress_bar(total: int, desc: str, enabled: bool = True, unit: str = "it") -> Any:
+    """A tqdm bar that hides itself when ``enabled`` is False or the output is not a terminal."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=None if enabled else True, unit=unit, leave=False)
+
+
+def resolve_out_path(path: str | Path, base: str | Path) -> Path:
+    """``path`` if absolute, else ``base / path`` (output files named in configs)."""
+    p = Path(path)
+    return p if p.is_absolute() else Path(base) / p

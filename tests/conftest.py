@@ -35,3 +35,23 @@ def digits_test_tensors(digits16):
     from robustkit.data import to_tensors
 
     return to_tensors(digits16.test)
+
+
+def train_victim(model, attack, train_data, test_data, rate: float = 0.1, min_asr: float = 0.9, **train_kw):
+    """Poison ``train_data`` with ``attack`` at ``rate`` (seed 0), train ``model`` on it (the caller seeds torch
+    before building the model) and check the backdoor took (ASR > ``min_asr``). Returns
+    ``(model in eval mode, poisoned set, BackdoorMetrics)``."""
+    from robustkit.backdoor.metrics import backdoor_metrics
+    from robustkit.training import train
+
+    poisoned = attack.poison(train_data, rate=rate, seed=0)
+    train(model, poisoned, progress=False, **train_kw)
+    metrics = backdoor_metrics(model, attack, test_data)
+    assert metrics.asr > min_asr, f"the victim did not learn the backdoor: {metrics}"
+    return model.eval(), poisoned, metrics
+
+
+@pytest.fixture(scope="session")
+def victim():
+    """The shared victim-training helper (:func:`train_victim`) as a fixture."""
+    return train_victim

@@ -10,7 +10,7 @@ import robustkit
 from robustkit.attacks import SIG, BadNets, Blended, WaNet
 from robustkit.data import ArrayDataset, load_poisoned, to_tensors
 from robustkit.errors import DataNotFoundError, InputError
-from robustkit.eval.backdoor import backdoor_metrics, defense_effectiveness_rating
+from robustkit.backdoor.metrics import backdoor_metrics, defense_effectiveness_rating
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from robustkit.errors import InputError
-from robustkit.kernels import bilateral_filter, window_offsets
+from robustkit.preprocessing.kernels import bilateral_filter, window_offsets
 
 
 def cv2_filter(x: torch.Tensor, d: int, sc: float, ss: float) -> torch.Tensor:
@@ -131,7 +131,7 @@ def test_backward_memory_is_linear_in_pixels():
 
 def test_cpu_workspace_does_not_grow_with_window_area():
     """The tap loop keeps O(N*C*H*W) scratch (padded copies, accumulators): no K^2 factor as with unfold."""
-    from robustkit.kernels import bilateral_cpu
+    from robustkit.preprocessing.kernels import bilateral_torch as bilateral_cpu
 
     x = torch.rand(4, 3, 32, 32, requires_grad=True)
     sizes = {}
@@ -225,8 +225,8 @@ def test_rejects_bad_tensors():
 TRITON_SCRIPT = textwrap.dedent(
     """
     import torch
-    from robustkit.kernels import bilateral_filter
-    from robustkit.kernels import bilateral_triton as bt
+    from robustkit.preprocessing.kernels import bilateral_filter
+    from robustkit.preprocessing.kernels import bilateral_triton as bt
 
     torch.manual_seed(0)
     # forward and vector-Jacobian product agree with the (gradchecked) PyTorch path

@@ -9,19 +9,19 @@ import numpy as np
 import pytest
 import torch
 
-from robustkit.defenses.filtering import (
+from robustkit.models.introspect import attention_layers
+from robustkit.filtering import (
     ActivationClustering,
     AttentionEntropyFilter,
     SpectralSignatures,
     attention_entropies,
-    attention_layers,
     cls_attention_entropy,
     fit_gmm2,
     is_bimodal,
     low_cluster,
 )
 from robustkit.errors import InputError
-from robustkit.eval.filtering import filter_metrics, run_filter
+from robustkit.filtering.run import filter_metrics, run_filter
 
 
 # --------------------------------------------------------------------------- maths
@@ -199,39 +199,30 @@ def test_model_without_attention_is_rejected(digits16):
 
 # --------------------------------------------------------------------------- real poisoned data
 @pytest.fixture(scope="module")
-def poisoned_cnn(digits16):
+def poisoned_cnn(digits16, victim):
     """SmallCNN trained on 16x16 digits with 5% BadNets (a third of the target class is poisoned)."""
-    from robustkit.attacks.backdoor import BadNets
-    from robustkit.eval.backdoor import backdoor_metrics
+    from robustkit.backdoor import BadNets
     from robustkit.models import SmallCNN
-    from robustkit.training import train
 
-    atk = BadNets(size=2)
-    data = atk.poison(digits16.train, rate=0.05, seed=0)
     torch.manual_seed(0)
-    model = SmallCNN(in_channels=1, width=16)
-    train(model, data, epochs=8, lr=0.05, progress=False)
-    assert backdoor_metrics(model, atk, digits16.test).asr > 0.9
-    return model.eval(), data
+    model, data, _ = victim(SmallCNN(in_channels=1, width=16), BadNets(size=2), digits16.train, digits16.test,
+                            rate=0.05, epochs=8, lr=0.05)
+    return model, data
 
 
 @pytest.fixture(scope="module")
-def poisoned_vit():
+def poisoned_vit(victim):
     """SmallViT (dim 64, depth 4) trained on 32x32 digits with 10% BadNets."""
-    from robustkit.attacks.backdoor import BadNets
+    from robustkit.backdoor import BadNets
     from robustkit.data import digits
-    from robustkit.eval.backdoor import backdoor_metrics
     from robustkit.models import SmallViT
-    from robustkit.training import train
 
     d = digits(size=32)
-    atk = BadNets(size=3)
-    data = atk.poison(d.train, rate=0.1, seed=0)
     torch.manual_seed(0)
     model = SmallViT(image_size=32, in_channels=1, patch_size=4, dim=64, depth=4, heads=4)
-    train(model, data, epochs=15, lr=1e-3, optimizer="adamw", weight_decay=0.05, warmup_epochs=2, progress=False)
-    assert backdoor_metrics(model, atk, d.test).asr > 0.9
-    return model.eval(), data
+    model, data, _ = victim(model, BadNets(size=3), d.train, d.test, epochs=15, lr=1e-3, optimizer="adamw",
+                            weight_decay=0.05, warmup_epochs=2)
+    return model, data
 
 
 @pytest.mark.slow
@@ -307,7 +298,7 @@ def test_run_filter_writes_kept_subset_and_never_touches_input(poisoned_cnn, tmp
 
 def test_cli_filter_and_pipeline_step(poisoned_cnn, tmp_path, capsys):
     from robustkit.cli import main
-    from robustkit.models.loaders import save_checkpoint
+    from robustkit.models.checkpoints import save_checkpoint
     from robustkit.pipeline import run
 
     model, data = poisoned_cnn

@@ -115,7 +115,7 @@ def test_run_end_to_end_writes_report(tmp_path):
     # the checkpoint reloads into the same model: it reproduces the reported clean accuracy
     from robustkit.data import digits, to_tensors
     from robustkit.eval import accuracy
-    from robustkit.models.loaders import load_checkpoint
+    from robustkit.models.checkpoints import load_checkpoint
 
     x, y = to_tensors(digits(size=16).test, max_samples=64)
     assert accuracy(load_checkpoint(out / "m.pt"), (x, y)) == pytest.approx(clean)

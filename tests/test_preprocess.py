@@ -7,7 +7,7 @@ import yaml
 import robustkit
 from robustkit.defenses import BilateralFilter, GaussianNoise, NoiseBilateral
 from robustkit.errors import ConfigError, InputError
-from robustkit.kernels import bilateral_filter
+from robustkit.preprocessing.kernels import bilateral_filter
 
 
 def test_registered_and_built_from_yaml():

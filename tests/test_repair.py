@@ -11,8 +11,10 @@ from torch import nn
 
 from robustkit.data import ArrayDataset
 from robustkit.defenses import FTSAM, AdaptiveSAM, FineTune, SkipSuppression, class_balanced_subset
-from robustkit.defenses.finetune import finetune_loop, frozen_bn_stats
-from robustkit.defenses.skip import find_skip_connections, jump_score, scale_skips
+from robustkit.repair import finetune_loop
+from robustkit.training import frozen_bn_stats
+from robustkit.models.introspect import find_skip_connections, scale_skips
+from robustkit.repair import jump_score
 from robustkit.errors import InputError
 
 
@@ -224,7 +226,7 @@ def test_scale_skips_errors():
 
 def test_skip_scaling_survives_checkpoint(tmp_path):
     from robustkit.models import PreActResNet18
-    from robustkit.models.loaders import load_checkpoint, save_checkpoint
+    from robustkit.models.checkpoints import load_checkpoint, save_checkpoint
 
     torch.manual_seed(0)
     m = PreActResNet18(in_channels=1, width=4).eval()
@@ -245,20 +247,16 @@ def test_jump_score():
 
 # --------------------------------------------------------------------------- real backdoor
 @pytest.fixture(scope="module")
-def backdoored(digits16):
+def backdoored(digits16, victim):
     """A PreActResNet18 (width 8) with a real BadNets backdoor on 16x16 digits (ASR ~1)."""
-    from robustkit.attacks.backdoor import BadNets
-    from robustkit.eval.backdoor import backdoor_metrics
+    from robustkit.backdoor import BadNets
     from robustkit.models import PreActResNet18
-    from robustkit.training import train
 
     atk = BadNets(size=2)
-    poisoned = atk.poison(digits16.train, rate=0.1, seed=0)
     torch.manual_seed(0)
-    model = PreActResNet18(in_channels=1, width=8)
-    train(model, poisoned, epochs=8, lr=0.01, batch_size=64, progress=False)
-    before = backdoor_metrics(model, atk, digits16.test)
-    assert before.asr > 0.9 and before.acc > 0.9
+    model, _, before = victim(PreActResNet18(in_channels=1, width=8), atk, digits16.train, digits16.test,
+                              epochs=8, lr=0.01, batch_size=64)
+    assert before.acc > 0.9
     return model, atk, before
 
 

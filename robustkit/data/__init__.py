@@ -2,7 +2,7 @@
 
 Every factory returns a :class:`DataBundle` whose images are float32 C x H x W in [0, 1];
 importing this package registers ``digits``, ``cifar10``, ``image_folder`` and ``npz``
-in :data:`robustkit.registry.DATASETS`.
+in :data:`robustkit.registry.DATASETS`. Poisoned datasets live in :mod:`robustkit.backdoor`.
 """
 
 from .arrays import ArrayDataset, DataBundle, bundle_from_arrays, stratified_split, to_tensors
@@ -10,7 +10,7 @@ from .cifar10 import cifar10
 from .digits import digits, load_digit_images
 from .folder import image_folder
 from .npz import images_to_tensor, load_npz, npz, save_npz
-from .poisoned import LoadedPoisonedDataset, PoisonedDataset, load_poisoned
+from .sampling import class_balanced_subset
 
 __all__ = [
     "ArrayDataset",
@@ -25,8 +25,14 @@ __all__ = [
     "load_npz",
     "save_npz",
     "images_to_tensor",
-    "PoisonedDataset",
-    "LoadedPoisonedDataset",
-    "load_poisoned",
     "load_digit_images",
+    "class_balanced_subset",
 ]
+
+
+def __getattr__(name: str):  # compatibility: poisoned datasets moved to robustkit.backdoor
+    if name in ("PoisonedDataset", "LoadedPoisonedDataset", "load_poisoned"):
+        from .. import backdoor
+
+        return getattr(backdoor, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numbers
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -97,6 +99,10 @@ class DataBundle:
     def __post_init__(self) -> None:
         self.image_size = (int(self.image_size[0]), int(self.image_size[1]))
         self.classes = [str(c) for c in self.classes]
+
+    def with_train(self, train: Dataset) -> "DataBundle":
+        """The same bundle with another training split (poisoned, filtered, ...)."""
+        return dataclasses.replace(self, train=train)
 
     def __repr__(self) -> str:
         return (f"DataBundle({self.name!r}: {len(self.train)} train / {len(self.test)} test, "  # type: ignore[arg-type]

@@ -1,4 +1,4 @@
-"""Accuracy under clean and adversarial inputs, batched, with progress bars."""
+"""Clean and robust accuracy, batched, seeded per batch, shardable, with progress bars."""
 
 from __future__ import annotations
 
@@ -9,43 +9,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..base import EvasionAttack
+from ..inference import accuracy, eval_mode, predict  # noqa: F401  (accuracy, predict: re-exported)
 from ..utils import batches, model_device
 from ..validation import check_images, check_labels
-
-
-@torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Predicted labels for a tensor of images (model in eval mode, on its own device)."""
-    check_images(x, "x")
-    device = model_device(model)
-    was_training = model.training
-    model.eval()
-    out = [model(x[s].to(device)).argmax(1).cpu() for s in batches(x.shape[0], batch_size)]
-    model.train(was_training)
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, data: Dataset | tuple[torch.Tensor, torch.Tensor], batch_size: int = 256) -> float:
-    """Top-1 accuracy on a dataset of (image, label) pairs or an ``(x, y)`` tensor pair."""
-    if isinstance(data, tuple):
-        x, y = data
-        check_labels(y, x.shape[0])
-        return float((predict(model, x, batch_size) == y.cpu()).float().mean())
-    device = model_device(model)
-    was_training = model.training
-    model.eval()
-    correct = total = 0
-    for xb, yb in DataLoader(data, batch_size=batch_size, shuffle=False):
-        xb, yb = xb.to(device), torch.as_tensor(yb).to(device)
-        correct += int((model(xb).argmax(1) == yb).sum())
-        total += int(yb.numel())
-    model.train(was_training)
-    return correct / max(1, total)
 
 
 @dataclass
@@ -119,35 +88,33 @@ def robust_accuracy(
     device = model_device(model)
     parts: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
     n_done = n_robust = 0
-    was_training = model.training
-    model.eval()
-    t0 = time.perf_counter()
-    all_batches = list(batches(x.shape[0], batch_size))
-    mine = list(range(len(all_batches)))
-    if shard is not None:
-        rank, world = shard
-        mine = mine[rank::world]
-    bar = tqdm(total=sum(all_batches[b].stop - all_batches[b].start for b in mine), desc=desc,
-               disable=None if progress else True, unit="img", leave=False)
-    for b in mine:
-        s = all_batches[b]
-        xb, yb = x[s].to(device), y[s].to(device)
-        atk = _reseed(model, attack, None if seed is None else seed + b)
-        with torch.no_grad():
-            c = model(xb).argmax(1) == yb
-        if atk is None:
-            x_adv, r = xb, c
-        else:
-            x_adv = atk(model, xb, yb)
+    with eval_mode(model):
+        t0 = time.perf_counter()
+        all_batches = list(batches(x.shape[0], batch_size))
+        mine = list(range(len(all_batches)))
+        if shard is not None:
+            rank, world = shard
+            mine = mine[rank::world]
+        bar = tqdm(total=sum(all_batches[b].stop - all_batches[b].start for b in mine), desc=desc,
+                   disable=None if progress else True, unit="img", leave=False)
+        for b in mine:
+            s = all_batches[b]
+            xb, yb = x[s].to(device), y[s].to(device)
+            atk = _reseed(model, attack, None if seed is None else seed + b)
             with torch.no_grad():
-                r = (model(x_adv).argmax(1) == yb) & c
-        parts.append((b, c.cpu(), r.cpu(), x_adv.cpu() if keep_adversarials else None))
-        n_done += int(r.numel())
-        n_robust += int(r.sum())
-        bar.update(xb.shape[0])
-        bar.set_postfix(robust=f"{n_robust / n_done:.3f}")
-    bar.close()
-    model.train(was_training)
+                c = model(xb).argmax(1) == yb
+            if atk is None:
+                x_adv, r = xb, c
+            else:
+                x_adv = atk(model, xb, yb)
+                with torch.no_grad():
+                    r = (model(x_adv).argmax(1) == yb) & c
+            parts.append((b, c.cpu(), r.cpu(), x_adv.cpu() if keep_adversarials else None))
+            n_done += int(r.numel())
+            n_robust += int(r.sum())
+            bar.update(xb.shape[0])
+            bar.set_postfix(robust=f"{n_robust / n_done:.3f}")
+        bar.close()
     parts = sorted(_gather(parts), key=lambda p: p[0])
     if [p[0] for p in parts] != list(range(len(all_batches))):
         raise RuntimeError(f"sharded evaluation is missing batches: got {[p[0] for p in parts]}")

@@ -4,11 +4,11 @@ Registered names (:data:`robustkit.registry.MODELS`): ``small_cnn``, ``preact_re
 ``small_vit``, ``torchvision``.
 """
 
-from .loaders import load_checkpoint, read_checkpoint, save_checkpoint, torchvision_model
+from .checkpoints import load_checkpoint, read_checkpoint, save_checkpoint, torchvision_model
 from .normalization import Normalize
 from .preact_resnet import PreActBlock, PreActResNet18
 from .small_cnn import SmallCNN
-from .utils import count_parameters, get_classifier
+from .introspect import attention_layers, count_parameters, find_skip_connections, get_classifier, scale_skips
 from .vit import Attention, SmallViT
 
 __all__ = [
@@ -24,4 +24,7 @@ __all__ = [
     "torchvision_model",
     "get_classifier",
     "count_parameters",
+    "attention_layers",
+    "find_skip_connections",
+    "scale_skips",
 ]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,169 +33,16 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from ..base import ModelRepair, RepairResult
+from ..base import ModelRepair, RepairResult, ResultDetails
 from ..data.arrays import ArrayDataset, to_tensors
 from ..errors import InputError
 from ..registry import BACKDOORS, REPAIRS
-from .finetune import backdoor_monitor, class_balanced_subset, finetune_loop
+from ..backdoor.metrics import backdoor_monitor
+from ..data.sampling import class_balanced_subset
+from ..models.introspect import find_skip_connections, scale_skips
+from .finetune import finetune_loop
 
 GAMMAS = tuple(round(0.1 * i, 1) for i in range(11))
-
-
-@dataclass
-class SkipConnection:
-    """One skip connection: where its hooks go and which stage encloses it."""
-
-    name: str            # e.g. "layer3.1" or "blocks.2.attn"
-    stage: str           # module name fine-tuned after suppression, e.g. "layer3" or "blocks.2"
-    kind: str            # "scale" (shortcut module output * gamma) or "subtract" (branch - (1-gamma) x)
-    target: nn.Module    # module whose output is changed
-    source: nn.Module | None = None  # module whose *input* is the skip tensor x ("subtract" only)
-
-
-def _parent(name: str) -> str:
-    return name.rsplit(".", 1)[0] if "." in name else ""
-
-
-def find_skip_connections(model: nn.Module) -> list[SkipConnection]:
-    """Every skip connection robustkit can scale in ``model``, in forward order.
-
-    Raises :class:`InputError` when there is none (e.g. a plain CNN without residual blocks).
-    """
-    from ..models.preact_resnet import PreActBlock
-    from ..models.vit import Block as SmallViTBlock
-
-    tv_blocks: tuple[type, ...] = ()
-    try:
-        from torchvision.models.resnet import BasicBlock, Bottleneck
-
-        tv_blocks = (BasicBlock, Bottleneck)
-    except ImportError:  # pragma: no cover - torchvision is a dependency
-        pass
-    timm_block: tuple[type, ...] = ()
-    try:
-        import warnings
-
-        with warnings.catch_warnings():  # timm's import trips torch's torch.jit.interface deprecation
-            warnings.simplefilter("ignore", FutureWarning)
-            from timm.models.vision_transformer import Block as TimmBlock
-
-        timm_block = (TimmBlock,)
-    except ImportError:  # pragma: no cover - timm is optional
-        pass
-
-    found: list[SkipConnection] = []
-    for name, m in model.named_modules():
-        if isinstance(m, PreActBlock):
-            found.append(SkipConnection(name, _parent(name), "scale", m.shortcut))
-        elif tv_blocks and isinstance(m, tv_blocks):
-            if m.downsample is not None:
-                found.append(SkipConnection(name, _parent(name), "scale", m.downsample))
-            else:
-                last_bn = m.bn3 if hasattr(m, "bn3") else m.bn2
-                found.append(SkipConnection(name, _parent(name), "subtract", last_bn, m))
-        elif isinstance(m, SmallViTBlock):
-            found.append(SkipConnection(f"{name}.attn", name, "subtract", m.attn, m.norm1))
-            found.append(SkipConnection(f"{name}.mlp", name, "subtract", m.mlp, m.norm2))
-        elif timm_block and isinstance(m, timm_block):
-            found.append(SkipConnection(f"{name}.attn", name, "subtract", m.ls1, m.norm1))
-            found.append(SkipConnection(f"{name}.mlp", name, "subtract", m.ls2, m.norm2))
-    if not found:
-        raise InputError(
-            f"{type(model).__name__} has no residual blocks to suppress: skip-connection suppression needs "
-            "PreActResNet blocks, torchvision ResNet blocks (BasicBlock / Bottleneck) or ViT blocks "
-            "(robustkit small_vit, timm VisionTransformer)"
-        )
-    return found
-
-
-class _ScaleOutput:
-    """Forward hook: ``output * gamma``."""
-
-    def __init__(self, gamma: float):
-        self.gamma = gamma
-
-    def __call__(self, module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
-        return output * self.gamma
-
-
-class _CaptureInput:
-    """Forward pre-hook: remember the module's first input (the skip tensor)."""
-
-    def __init__(self) -> None:
-        self.value: torch.Tensor | None = None
-
-    def __call__(self, module: nn.Module, args: tuple) -> None:
-        self.value = args[0]
-
-
-class _SubtractSkip:
-    """Forward hook on a residual branch: ``branch - (1 - gamma) * x`` with ``x`` from a capture."""
-
-    def __init__(self, gamma: float, capture: _CaptureInput):
-        self.gamma, self.capture = gamma, capture
-
-    def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
-        x = self.capture.value
-        if x is None:
-            raise RuntimeError("skip-connection hook fired before its input was captured")
-        self.capture.value = None
-        if isinstance(output, tuple):  # robustkit attention returns (out, attention map)
-            return (output[0] - (1.0 - self.gamma) * x, *output[1:])
-        return output - (1.0 - self.gamma) * x
-
-
-class SkipScaling:
-    """Handle of the hooks placed by :func:`scale_skips`; ``remove()`` restores the model."""
-
-    def __init__(self, model: nn.Module, gammas: dict[str, float], handles: list):
-        self.model, self.gammas, self._handles = model, dict(gammas), handles
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-        current = dict(getattr(self.model, "skip_scaling", {}) or {})
-        for k in self.gammas:
-            current.pop(k, None)
-        if current:
-            self.model.skip_scaling = current  # type: ignore[assignment]
-        elif "skip_scaling" in self.model.__dict__:
-            del self.model.skip_scaling
-
-    def __enter__(self) -> "SkipScaling":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.remove()
-
-
-def scale_skips(model: nn.Module, gammas: dict[str, float]) -> SkipScaling:
-    """Scale the named skip connections (``{name: gamma}``) of ``model`` with forward hooks.
-
-    Names are those of :func:`find_skip_connections` (``model.skip_scaling`` records them).
-    Use the returned handle's ``remove()`` (or ``with scale_skips(...):``) to undo.
-    """
-    skips = {s.name: s for s in find_skip_connections(model)}
-    already = set(getattr(model, "skip_scaling", {}) or {})
-    handles = []
-    for name, gamma in gammas.items():
-        if name not in skips:
-            raise InputError(f"no skip connection named {name!r}; known: {', '.join(skips)}")
-        if name in already:
-            raise InputError(f"skip connection {name!r} is already scaled; remove the first scaling before adding another")
-        g = float(gamma)
-        if not (0.0 <= g <= 1.0) or math.isnan(g):
-            raise InputError(f"gamma for {name!r} must be in [0, 1], got {gamma!r}")
-        s = skips[name]
-        if s.kind == "scale":
-            handles.append(s.target.register_forward_hook(_ScaleOutput(g)))
-        else:
-            cap = _CaptureInput()
-            handles.append(s.source.register_forward_pre_hook(cap))  # type: ignore[union-attr]
-            handles.append(s.target.register_forward_hook(_SubtractSkip(g, cap)))
-    model.skip_scaling = {**(getattr(model, "skip_scaling", {}) or {}), **{k: float(v) for k, v in gammas.items()}}  # type: ignore[assignment]
-    return SkipScaling(model, gammas, handles)
 
 
 # --------------------------------------------------------------------------- layer selection
@@ -221,6 +69,34 @@ def _excess_asr(model: nn.Module, x_clean: torch.Tensor, x_trig: torch.Tensor, t
     trig = float((predict(model, x_trig, batch_size) == target).float().mean())
     clean = float((predict(model, x_clean, batch_size) == target).float().mean())
     return max(0.0, trig - clean)
+
+
+@dataclass
+class SkipSuppressionDetails(ResultDetails):
+    """The chosen skip connection, its stage and gamma, and (when swept) the gamma sweep and scores."""
+
+    clean_samples: int
+    layer: str
+    stage: str
+    gamma: float
+    surrogate_asr: float | None = None
+    gammas: list[float] | None = None
+    sweep: dict[str, list[float]] | None = None
+    scores: dict[str, float] | None = None
+
+    def tables(self) -> list[tuple[str, list[dict[str, Any]]]]:
+        if not self.sweep:
+            return []
+        rows = [{"skip": name, "jump_score": (self.scores or {}).get(name), **{f"asr@{g:g}": a for g, a in zip(self.gammas or [], asr)}}
+                for name, asr in self.sweep.items()]
+        return [("Skip-connection sweep (surrogate ASR per gamma)", rows)]
+
+    def figures(self, out_dir: Any) -> list[str]:
+        if not self.sweep:
+            return []
+        from ..eval.plots import skip_sweep
+
+        return [skip_sweep(self.sweep, self.gammas or [], Path(out_dir) / "skip_sweep.png", self.layer).name]
 
 
 @REPAIRS.register("skip_suppression")
@@ -316,15 +192,17 @@ class SkipSuppression(ModelRepair):
             raise InputError(f"model must be an nn.Module, got {type(model).__name__}")
         skips = {s.name: s for s in find_skip_connections(model)}
         clean = class_balanced_subset(clean_data, self.clean_ratio, self.seed)
-        details: dict[str, Any] = {"clean_samples": len(clean)}
+        sweep: dict[str, Any] = {}
         if self.layer is None:
-            details.update(self.select_layer(model, clean, progress))
-            layer = details["layer"]
+            sweep = self.select_layer(model, clean, progress)
+            layer = sweep["layer"]
         else:
             if self.layer not in skips:
                 raise InputError(f"layer {self.layer!r} is not a skip connection of this model; known: {', '.join(skips)}")
             layer = self.layer
-        details.update(layer=layer, stage=skips[layer].stage, gamma=self.gamma)
+        details = SkipSuppressionDetails(clean_samples=len(clean), layer=layer, stage=skips[layer].stage, gamma=self.gamma,
+                                         surrogate_asr=sweep.get("surrogate_asr"), gammas=sweep.get("gammas"),
+                                         sweep=sweep.get("sweep"), scores=sweep.get("scores"))
         net = model if inplace else copy.deepcopy(model)
         scale_skips(net, {layer: self.gamma})
         stage = skips[layer].stage

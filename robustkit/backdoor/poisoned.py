@@ -21,8 +21,8 @@ from torch.utils.data import Dataset
 
 from ..errors import DataNotFoundError, InputError
 from ..io import atomic_path, atomic_write_json
-from .arrays import ArrayDataset, to_tensors
-from .npz import save_npz
+from ..data.arrays import ArrayDataset, to_tensors
+from ..data.npz import save_npz
 
 MANIFEST_VERSION = 1
 
@@ -196,7 +196,7 @@ def load_poisoned(path: str | Path) -> LoadedPoisonedDataset:
         if manifest.get("sha256") and manifest["sha256"] != digest:
             raise InputError(f"{p} does not match its manifest (sha256 differs): the file was changed or truncated")
         with np.load(p) as f:
-            from .npz import images_to_tensor
+            from ..data.npz import images_to_tensor
 
             x = images_to_tensor(f["x"])
             y = torch.from_numpy(f["y"]).long()

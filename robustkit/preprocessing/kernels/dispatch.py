@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from ..errors import InputError
-from .bilateral_cpu import bilateral_filter_torch
+from ...errors import InputError
+from .bilateral_torch import bilateral_filter_torch
 
 DISTANCES = ("l1", "l2")
 WINDOWS = ("circle", "square")

@@ -3,7 +3,7 @@ input, with a hand-written exact backward.
 
 Extra memory is O(N*C*H*W) (padded copies of the input, the accumulators and a few per-tap
 temporaries), never O(N*C*H*W*K^2) as with ``unfold``. This path runs on any device; on
-CUDA the fused Triton kernel in :mod:`robustkit.kernels.bilateral_triton` is faster.
+CUDA the fused Triton kernel in :mod:`robustkit.preprocessing.kernels.bilateral_triton` is faster.
 
 Forward, for pixel p and window offsets q (reflect-101 borders)::
 

@@ -1,4 +1,4 @@
-"""Config (YAML file or dict) -> built components -> steps -> :class:`Report`.
+"""Pipeline configs: load (YAML file or dict), apply ``--set`` overrides, import plug-ins, validate once.
 
 A config names a data set, a model and a list of steps::
 
@@ -22,19 +22,14 @@ key (``steps[1].evaluate.attacks[0].eps``) and why.
 from __future__ import annotations
 
 import copy
-import time
-from dataclasses import dataclass, field
+import difflib
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-import torch
 import yaml
-from torch import nn
 
-from .errors import ConfigError, DataNotFoundError
-from .eval.report import Report
-from .registry import DATASETS, MODELS, STEPS
-from .utils import resolve_device, seed_everything
+from ..errors import ConfigError, DataNotFoundError
+from ..registry import DATASETS, MODELS, STEPS
 
 TOP_LEVEL_KEYS: dict[str, str] = {
     "name": "run name, used as the report title",
@@ -45,47 +40,54 @@ TOP_LEVEL_KEYS: dict[str, str] = {
     "data": "dataset spec: {name: digits|cifar10|image_folder|npz, ...}",
     "model": "model spec: {name: small_cnn|preact_resnet18|small_vit|..., ...}",
     "steps": "list of steps, each {step_name: {params}} run in order",
+    "imports": "plug-in modules to import first (dotted names or .py files) so their registered names can be used",
 }
 
 
-@dataclass
-class Context:
-    """State shared by the steps of one run."""
+def import_plugins(modules: Any, path: str = "imports") -> list[str]:
+    """Import plug-in modules (``my_pkg.my_module`` or a ``.py`` file) whose decorators register
+    models, preprocessors, attacks, triggers, filters, repairs or steps. Returns the module names.
+    """
+    if modules is None:
+        return []
+    if isinstance(modules, str):
+        modules = [modules]
+    if not isinstance(modules, (list, tuple)):
+        raise ConfigError(f"must be a list of module names, got {modules!r}", path)
+    names = []
+    for i, mod in enumerate(modules):
+        where = f"{path}[{i}]"
+        if not isinstance(mod, str) or not mod.strip():
+            raise ConfigError(f"expected a module name such as my_pkg.plugins or a .py file, got {mod!r}", where)
+        try:
+            if mod.endswith(".py"):
+                import importlib.util
+                import sys
 
-    config: dict[str, Any]
-    device: torch.device
-    seed: int
-    out_dir: Path
-    report: Report
-    progress: bool = True
-    data: Any = None
-    model: nn.Module | None = None
-    artifacts: dict[str, Any] = field(default_factory=dict)
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        """Only rank 0 writes files and prints (all ranks compute)."""
-        return self.rank == 0
-
-    @property
-    def shard(self) -> tuple[int, int] | None:
-        return (self.rank, self.world_size) if self.world_size > 1 else None
-
-    def log(self, msg: str) -> None:
-        if self.is_main:
-            print(msg, flush=True)
-
-    def require_model(self, step: str) -> nn.Module:
-        if self.model is None:
-            raise ConfigError(f"step {step!r} needs a model: add a 'model' section or a load_model step before it", "steps")
-        return self.model
-
-    def require_data(self, step: str) -> Any:
-        if self.data is None:
-            raise ConfigError(f"step {step!r} needs data: add a 'data' section", "data")
-        return self.data
+                file = Path(mod).resolve()
+                if not file.is_file():
+                    raise ConfigError(f"plug-in file not found: {file}", where)
+                name = f"robustkit_plugin_{file.stem}"
+                if name not in sys.modules:
+                    spec = importlib.util.spec_from_file_location(name, file)
+                    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+                    sys.modules[name] = module
+                    try:
+                        spec.loader.exec_module(module)  # type: ignore[union-attr]
+                    except BaseException:
+                        del sys.modules[name]
+                        raise
+                names.append(name)
+            else:
+                importlib.import_module(mod)
+                names.append(mod)
+        except ConfigError:
+            raise
+        except ImportError as exc:
+            raise ConfigError(f"cannot import plug-in module {mod!r}: {exc} (is it installed or on PYTHONPATH?)", where) from None
+        except Exception as exc:  # an error inside the user's module: say where it came from
+            raise ConfigError(f"plug-in module {mod!r} failed while importing: {type(exc).__name__}: {exc}", where) from exc
+    return names
 
 
 def load_config(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
@@ -161,11 +163,13 @@ def validate_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     cfg = copy.deepcopy(dict(cfg))
     for key in cfg:
         if key not in TOP_LEVEL_KEYS:
-            import difflib
-
             close = difflib.get_close_matches(str(key), TOP_LEVEL_KEYS, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"unknown top-level key.{hint} Accepted: {', '.join(TOP_LEVEL_KEYS)}", str(key))
+    if "imports" in cfg:  # first, so that the plug-ins' registered names validate below
+        import_plugins(cfg["imports"], "imports")
+        if isinstance(cfg["imports"], str):
+            cfg["imports"] = [cfg["imports"]]
     cfg.setdefault("name", "robustkit run")
     cfg.setdefault("seed", 0)
     cfg.setdefault("device", "auto")
@@ -189,70 +193,3 @@ def validate_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
         steps.append({name: params})
     cfg["steps"] = steps
     return cfg
-
-
-def model_kwargs_from_data(name: str, params: dict[str, Any], data: Any) -> dict[str, Any]:
-    """Fill ``in_channels`` / ``num_classes`` / ``image_size`` from the data set when the model takes them."""
-    accepted = MODELS.parameters(name)
-    derived = {}
-    if data is not None:
-        derived = {"in_channels": data.channels, "num_classes": data.num_classes, "image_size": data.image_size[0]}
-    return {k: v for k, v in derived.items() if k in accepted and k not in params}
-
-
-def build_model(spec: Mapping[str, Any], data: Any = None, path: str = "model") -> nn.Module:
-    name, params = MODELS.split_spec(spec, path)
-    extra = model_kwargs_from_data(name, params, data)
-    return MODELS.build({"name": name, **params}, path, **extra)
-
-
-def run(
-    config: str | Path | Mapping[str, Any],
-    out_dir: str | Path | None = None,
-    overrides: Sequence[str] = (),
-    progress: bool = True,
-    log: Callable[[str], None] | None = print,
-) -> Report:
-    """Run a pipeline config end to end and write its report; return the :class:`Report`."""
-    raw = load_config(config) if not isinstance(config, Mapping) else dict(config)
-    cfg = validate_config(apply_overrides(raw, overrides))
-    out = Path(out_dir or cfg.get("output_dir") or Path("runs") / str(cfg["name"]).replace(" ", "_"))
-    out.mkdir(parents=True, exist_ok=True)
-    seed_everything(cfg["seed"])
-    device = resolve_device(cfg["device"])
-    report = Report(name=str(cfg["name"]), config=cfg)
-    if cfg.get("description"):
-        report.notes.append(str(cfg["description"]))
-    rank, world = distributed_rank()
-    ctx = Context(config=cfg, device=device, seed=cfg["seed"], out_dir=out, report=report, progress=progress,
-                  rank=rank, world_size=world)
-    say = (log or (lambda _msg: None)) if rank == 0 else (lambda _msg: None)
-    if world > 1:
-        say(f"distributed: {world} processes; evaluation batches are sharded across them")
-    t0 = time.perf_counter()
-    if "data" in cfg:
-        ctx.data = DATASETS.build(cfg["data"], "data")
-        say(f"data: {cfg['data']['name']} - {len(ctx.data.train)} train / {len(ctx.data.test)} test images, "
-            f"{ctx.data.channels}x{ctx.data.image_size[0]}x{ctx.data.image_size[1]}, {ctx.data.num_classes} classes")
-    if "model" in cfg:
-        ctx.model = build_model(cfg["model"], ctx.data).to(device)
-        n_params = sum(p.numel() for p in ctx.model.parameters())
-        say(f"model: {cfg['model']['name']} ({n_params / 1e6:.2f} M parameters) on {device}")
-    for i, step in enumerate(cfg["steps"]):
-        (name, params), = step.items()
-        say(f"step {i + 1}/{len(cfg['steps'])}: {name}")
-        STEPS.get(name)(ctx, **params)
-    report.seconds = time.perf_counter() - t0
-    if rank == 0:
-        paths = report.write(out)
-        say(f"report written to {paths['markdown']} and {paths['json']}")
-    return report
-
-
-def distributed_rank() -> tuple[int, int]:
-    """(rank, world size) of an initialized ``torch.distributed`` group, else (0, 1)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1

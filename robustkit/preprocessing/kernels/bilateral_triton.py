@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .bilateral_cpu import _unpad_grad
+from .bilateral_torch import _unpad_grad
 
 # Measured on an H100 (benchmarks/bilateral.py, docs/bilateral.md): 512 pixels and 8 warps per
 # program is the fastest of BLOCK in {64..512} x warps in {2, 4, 8} for every benchmark shape;
@@ -293,7 +293,7 @@ def bilateral_filter_triton(x, kernel_size, sigma_color, sigma_space, distance="
     """One bilateral pass on the Triton path (falls back to PyTorch when the radius exceeds the image)."""
     r = kernel_size // 2
     if r >= x.shape[-1] or r >= x.shape[-2]:
-        from .bilateral_cpu import bilateral_filter_torch
+        from .bilateral_torch import bilateral_filter_torch
 
         return bilateral_filter_torch(x, kernel_size, sigma_color, sigma_space, distance, window)
     n = x.shape[0]

@@ -1,0 +1,188 @@
+"""Evaluate defenses against attacks: the adaptive policy in one library function.
+
+:func:`evaluate_defenses` is what the pipeline's ``evaluate`` step, the notebooks and the
+benchmarks call. For each defense (a list of preprocessors in front of the model) and attack
+it measures clean and robust accuracy (robust = correct on the clean and on the attacked
+image, the RobustBench convention), with this policy:
+
+- non-differentiable defenses are attacked through BPDA (straight-through gradients);
+- a deterministic defense gains nothing from EOT, so EOT attacks run with one draw there;
+- a randomized defense attacked without EOT is marked *not adaptive*: its number is an upper
+  bound, and a note says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..attacks.bpda import with_bpda
+from ..base import EvasionAttack, format_eps
+from ..errors import ConfigError
+from ..preprocessing import build_preprocessor
+from ..registry import ATTACKS, PREPROCESSORS
+from ..wrap import Defended, wrap
+from .metrics import robust_accuracy
+
+
+@dataclass
+class DefenseSpec:
+    """A named defense: preprocessors (modules or registered specs) in front of the model."""
+
+    label: str
+    preprocessors: list[Any] = field(default_factory=list)
+
+    def build(self, device: torch.device | None = None, path: str = "defenses") -> list[nn.Module]:
+        mods = [build_preprocessor(p, f"{path}[{self.label}][{i}]") for i, p in enumerate(self.preprocessors)]
+        return [m.to(device) for m in mods] if device is not None else mods
+
+
+@dataclass
+class AttackSpec:
+    """An attack spec (registered name / mapping, or an :class:`EvasionAttack`) with an optional label."""
+
+    spec: Any
+    label: str | None = None
+
+    def build(self, eps: float | None = None, path: str = "attacks") -> EvasionAttack:
+        if isinstance(self.spec, EvasionAttack):
+            return self.spec if eps is None else self.spec.with_options(eps=float(eps))
+        if eps is None:
+            return ATTACKS.build(self.spec, path)
+        name, params = ATTACKS.split_spec(self.spec, path)
+        return ATTACKS.build({**params, "name": name, "eps": eps}, path)
+
+    def name(self, attack: EvasionAttack, swept: bool) -> str:
+        if self.label and swept:
+            return f"{self.label} eps={format_eps(attack.eps, attack.norm)}"
+        return self.label or attack.label()
+
+
+def parse_defenses(defenses: Sequence[Any] | None, path: str = "defenses") -> list[DefenseSpec]:
+    """``[{label, preprocessors}, ...]`` (YAML form) or :class:`DefenseSpec` objects; ``None``: undefended only."""
+    if defenses is None:
+        return [DefenseSpec("undefended")]
+    if not isinstance(defenses, (list, tuple)) or not defenses:
+        raise ConfigError("must be a non-empty list of {label: ..., preprocessors: [...]}", path)
+    out = []
+    for i, d in enumerate(defenses):
+        p = f"{path}[{i}]"
+        if isinstance(d, DefenseSpec):
+            out.append(d)
+            continue
+        if not isinstance(d, dict):
+            raise ConfigError("each defense must be a mapping {label: ..., preprocessors: [...]}", p)
+        unknown = set(d) - {"label", "preprocessors"}
+        if unknown:
+            raise ConfigError(f"unknown key(s) {sorted(unknown)}; a defense has 'label' and 'preprocessors'", p)
+        pre = d.get("preprocessors") or []
+        if not isinstance(pre, list):
+            raise ConfigError("must be a list of preprocessor specs", f"{p}.preprocessors")
+        label = d.get("label") or ("+".join(PREPROCESSORS.split_spec(s, p)[0] for s in pre) or "undefended")
+        out.append(DefenseSpec(str(label), list(pre)))
+    return out
+
+
+def parse_attacks(attacks: Sequence[Any] | None, path: str = "attacks") -> list[AttackSpec]:
+    """Attack specs (``{name: pgd, eps: 8/255, label: optional}``), attacks or :class:`AttackSpec` objects."""
+    if attacks is None:
+        return []
+    if not isinstance(attacks, (list, tuple)):
+        raise ConfigError("must be a list of attack specs", path)
+    out = []
+    for spec in attacks:
+        if isinstance(spec, AttackSpec):
+            out.append(spec)
+        elif isinstance(spec, dict) and "label" in spec:
+            spec = dict(spec)
+            out.append(AttackSpec(spec, str(spec.pop("label"))))
+        else:
+            out.append(AttackSpec(spec))
+    return out
+
+
+def validate_evaluation(defenses: Any, attacks: Any, path: str = "evaluate") -> None:
+    """Build every preprocessor and attack once so a bad spec fails before anything runs."""
+    for d in parse_defenses(defenses, f"{path}.defenses"):
+        d.build(path=f"{path}.defenses")
+    for i, a in enumerate(parse_attacks(attacks, f"{path}.attacks")):
+        a.build(path=f"{path}.attacks[{i}]")
+
+
+@dataclass
+class Evaluation:
+    """Rows of :func:`evaluate_defenses` (one per defense x condition) and the notes a report needs."""
+
+    rows: list[dict[str, Any]]
+    notes: list[str]
+    n: int
+    swept: bool
+
+    def defenses(self) -> list[str]:
+        return list(dict.fromkeys(r["defense"] for r in self.rows))
+
+    def table(self) -> list[dict[str, Any]]:
+        """The rows as a report shows them (without the plot-only ``family`` key)."""
+        return [{k: v for k, v in r.items() if k != "family"} for r in self.rows]
+
+
+def evaluate_defenses(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    defenses: Sequence[Any] | None = None,
+    attacks: Sequence[Any] | None = None,
+    eps: Sequence[Any] | None = None,
+    *,
+    batch_size: int = 256,
+    seed: int | None = 0,
+    shard: tuple[int, int] | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> Evaluation:
+    """Clean and robust accuracy of ``model`` behind each defense under each attack.
+
+    ``eps``: optional radii; each attack then runs at each of them (its own ``eps`` is
+    overridden). Batch ``b`` is attacked with seed ``seed + b`` (attack and defense
+    randomness), so the result is the same under ``torchrun`` sharding.
+    """
+    from ..registry import parse_number
+
+    say = log or (lambda _msg: None)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    radii: list[float | None] = [None] if not eps else [parse_number(e, "eps") for e in eps]
+    attack_specs = parse_attacks(attacks)
+    rows: list[dict[str, Any]] = []
+    notes: list[str] = []
+    run = dict(batch_size=batch_size, progress=progress, seed=seed, shard=shard)
+    for d in parse_defenses(defenses):
+        defended: Defended = wrap(model, *d.build(device))
+        bpda = not defended.differentiable
+        if bpda:  # same forward; straight-through gradients for the non-differentiable parts
+            defended = with_bpda(defended)
+        clean = robust_accuracy(defended, None, x, y, desc=f"{d.label} / clean", **run).clean_accuracy
+        say(f"  {d.label}: clean accuracy {clean:.3f} on {x.shape[0]} test images")
+        rows.append({"defense": d.label, "attack": "clean", "norm": "-", "eps": "-", "accuracy": clean,
+                     "adaptive": "-", "gradient": "-", "seconds": 0.0, "family": "clean"})
+        for i, a in enumerate(attack_specs):
+            for radius in radii:
+                attack = a.build(radius, f"attacks[{i}]")
+                name = a.name(attack, radius is not None)
+                if not defended.randomized and attack.eot_samples > 1 and "eot_samples" in vars(attack):
+                    # a deterministic model gives the same gradient on every EOT pass: one is enough
+                    attack = attack.with_options(eot_samples=1)
+                res = robust_accuracy(defended, attack, x, y, desc=f"{d.label} / {name}", **run)
+                adaptive = (not defended.randomized) or attack.eot_samples > 1
+                rows.append({"defense": d.label, "attack": name, "norm": attack.norm, "eps": attack.eps,
+                             "accuracy": res.robust_accuracy, "adaptive": adaptive,
+                             "gradient": "BPDA" if bpda else "exact", "seconds": res.seconds,
+                             "family": a.label or attack.family()})
+                say(f"  {d.label} / {name}: robust accuracy {res.robust_accuracy:.3f} ({res.seconds:.1f} s)")
+                if not adaptive:
+                    notes.append(
+                        f"'{d.label}' is randomized but '{name}' averages no gradients over its randomness (no EOT): "
+                        "its robust accuracy is an upper bound, not evidence of robustness.")
+    return Evaluation(rows, notes, int(x.shape[0]), swept=len(radii) > 1)

@@ -1,0 +1,50 @@
+"""``evaluate``: clean and robust accuracy of the model behind each defense under each attack."""
+
+from __future__ import annotations
+
+
+from ...io import atomic_write_json
+from ...data import to_tensors
+from ...eval.plots import accuracy_bars, robust_vs_eps
+from ...eval.robust import evaluate_defenses, validate_evaluation
+from ...eval.robustbench import robustbench_entry, slug
+from ...registry import STEPS
+from ..context import Context
+
+TABLE_NOTE = ("{n} test images. Robust = correct on the clean and on the attacked image. "
+              "adaptive = the attack differentiates through the defense and, for randomized defenses, uses EOT; "
+              "gradient = exact, or BPDA (identity backward) through non-differentiable preprocessors.")
+
+
+@STEPS.register("evaluate")
+def evaluate(ctx: Context, /, attacks: list | None = None, defenses: list | None = None, eps: list | None = None,
+             n_samples: int | None = None, batch_size: int = 256) -> None:
+    """Clean and robust accuracy of the model behind each defense under each attack.
+
+    ``defenses``: list of ``{label, preprocessors: [spec, ...]}`` (default: undefended only).
+    ``attacks``: list of attack specs (``{name: pgd, eps: 8/255, ..., label: optional}``).
+    ``eps``: optional list of radii; every attack then runs at each of them and
+    ``robust_vs_eps.png`` plots the curves. ``n_samples``: the first n test images (default: all).
+    See :func:`robustkit.eval.evaluate_defenses` for the adaptive policy.
+    """
+    model, data = ctx.require_model("evaluate"), ctx.require_data("evaluate")
+    x, y = to_tensors(data.test, max_samples=n_samples)
+    ev = evaluate_defenses(model, x, y, defenses, attacks, eps, batch_size=batch_size, seed=ctx.seed,
+                           shard=ctx.shard, progress=ctx.show_progress, log=ctx.log)
+    for r in ev.rows:
+        key = "clean_accuracy" if r["attack"] == "clean" else f"{r['attack']}/robust_accuracy"
+        ctx.report.metrics[f"{r['defense']}/{key}"] = r["accuracy"]
+    ctx.report.notes.extend(ev.notes)
+    ctx.report.add_table("Clean and robust accuracy", ev.table(), note=TABLE_NOTE.format(n=ev.n))
+    if ctx.is_main:
+        for label in ev.defenses():
+            path = ctx.out_path(f"robustbench_{slug(label)}.json")
+            atomic_write_json(path, robustbench_entry(label, ev.rows, ctx.config, ev.n))
+            ctx.report.metrics[f"{label}/robustbench_json"] = path.name
+        plot = robust_vs_eps if ev.swept else accuracy_bars
+        name = "robust_vs_eps.png" if ev.swept else "accuracy.png"
+        ctx.report.figures.append(plot(ev.rows, ctx.out_path(name)).name)
+
+
+evaluate.validate = lambda params, path: validate_evaluation(  # type: ignore[attr-defined]
+    params.get("defenses"), params.get("attacks"), path)
