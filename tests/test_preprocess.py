@@ -85,6 +85,34 @@ def test_gaussian_noise_unchanged_and_seedable():
     assert torch.equal(GaussianNoise(0.0)(x), x)
 
 
+@pytest.mark.parametrize("make", [lambda: GaussianNoise(0.05, seed=0), lambda: robustkit.PREPROCESSORS.build("quantize", bits=4),
+                                  lambda: NoiseBilateral(seed=0)], ids=["noise", "quantize", "noise_bilateral"])
+def test_noise_and_quantize_validate_input(make):
+    """Issue #12: 0..255 data came back as an all-ones image and NaN passed through."""
+    pre = make()
+    x = torch.rand(2, 3, 8, 8)
+    with pytest.raises(InputError, match=r"values in \[0, 1\].*max"):
+        pre(x * 255)
+    with pytest.raises(InputError, match="NaN"):
+        pre(torch.full((1, 3, 8, 8), float("nan")))
+    with pytest.raises(InputError, match="floating-point"):
+        pre((x * 255).to(torch.uint8))
+    with pytest.raises(InputError, match="N x C x H x W"):
+        pre(x[0])
+
+
+def test_gaussian_noise_function_validates_sigma_and_input():
+    from robustkit.preprocessing import gaussian_noise
+
+    x = torch.rand(2, 1, 4, 4)
+    with pytest.raises(InputError, match="NaN"):
+        gaussian_noise(x.clone().fill_(float("nan")), 0.1)
+    with pytest.raises(InputError, match="sigma must be finite"):
+        gaussian_noise(x, torch.tensor([0.1, float("nan")]))
+    with pytest.raises(InputError, match="one value per sample"):
+        gaussian_noise(x, torch.tensor([0.1, 0.2, 0.3]))
+
+
 def test_noise_bilateral_a_b_schedule_and_reseed():
     x = torch.rand(2, 3, 10, 10)
     nb = robustkit.PREPROCESSORS.build({"name": "noise_bilateral", "iterations": 4, "train_iterations": 2, "seed": 7})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..base import Preprocessor
+from ..errors import InputError
 from ..registry import PREPROCESSORS
 from ..validation import check_images, check_positive
 
@@ -14,17 +15,20 @@ def gaussian_noise(
 ) -> torch.Tensor:
     """Add i.i.d. N(0, sigma^2) noise per pixel and channel; clip to [0, 1] if ``clip``.
 
+    ``x`` must be float N x C x H x W in [0, 1] with finite values (``InputError`` otherwise:
+    0..255 data would otherwise be clipped to an all-ones image).
+
     ``sigma`` is a float or a tensor of N per-sample values. The noise does not depend on
     ``x``, so the gradient w.r.t. ``x`` is the identity (masked by the clip).
     """
-    check_images(x, "x", check_range=False)
+    check_images(x, "x")
     if isinstance(sigma, torch.Tensor):
         if sigma.dim() == 0:
             sigma = sigma.reshape(1)
         if sigma.dim() != 1 or sigma.shape[0] not in (1, x.shape[0]):
-            raise ValueError(f"sigma tensor must be a scalar or hold one value per sample ({x.shape[0]}), got shape {tuple(sigma.shape)}")
-        if (sigma < 0).any() or not torch.isfinite(sigma).all():
-            raise ValueError("sigma must be finite and >= 0")
+            raise InputError(f"sigma tensor must be a scalar or hold one value per sample ({x.shape[0]}), got shape {tuple(sigma.shape)}")
+        if sigma.is_complex() or not torch.isfinite(sigma).all() or (sigma < 0).any():
+            raise InputError(f"sigma must be finite and >= 0, got {sigma.tolist()}")
         sigma = sigma.to(device=x.device, dtype=x.dtype).view(-1, 1, 1, 1)
     else:
         sigma = check_positive(sigma, "sigma", allow_zero=True)

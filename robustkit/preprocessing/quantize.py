@@ -7,6 +7,7 @@ import torch
 from ..base import Preprocessor
 from ..errors import InputError
 from ..registry import PREPROCESSORS
+from ..validation import check_images
 
 
 @PREPROCESSORS.register("quantize")
@@ -27,6 +28,7 @@ class Quantize(Preprocessor):
         self.bits = bits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_images(x, "x")  # 0..255 or NaN input would be quantized into nonsense silently
         levels = 2**self.bits - 1
         return torch.round(x * levels) / levels
 
