@@ -60,14 +60,34 @@ def check_images(
     return x
 
 
-def check_labels(y: object, n: int | None = None, name: str = "y", num_classes: int | None = None) -> torch.Tensor:
-    """Check that ``y`` is a 1-D integer tensor of ``n`` class indices."""
+def check_labels(
+    y: object,
+    n: int | None = None,
+    name: str = "y",
+    num_classes: int | None = None,
+    *,
+    convert: bool = False,
+) -> torch.Tensor:
+    """Check that ``y`` is a 1-D int64 tensor of ``n`` class indices (below ``num_classes`` if given).
+
+    Labels must be ``torch.int64`` (``torch.long``), the dtype ``cross_entropy`` and indexing
+    need: another integer dtype (int32, uint8, ...) raises :class:`InputError` naming the fix
+    (``y.long()``), so it never crashes later inside a loss. With ``convert=True`` another
+    integer dtype is accepted and an int64 copy is returned instead (the data layer -
+    :class:`~robustkit.data.ArrayDataset`, :func:`~robustkit.data.to_tensors`, the loaders -
+    converts this way, so every dataset robustkit builds yields int64 labels). Float, bool and
+    complex labels are always refused. Returns the (possibly converted) labels.
+    """
     if not isinstance(y, torch.Tensor):
         raise InputError(f"{name} must be a torch.Tensor, got {type(y).__name__}")
     if y.dim() != 1:
         raise InputError(f"{name} must be 1-D (one class index per image), got shape {tuple(y.shape)}")
     if y.is_floating_point() or y.dtype == torch.bool or y.is_complex():
         raise InputError(f"{name} must hold integer class indices, got dtype {y.dtype}")
+    if y.dtype != torch.int64:
+        if not convert:
+            raise InputError(f"{name} must be int64 (torch.long) class indices, got dtype {y.dtype}; convert with {name}.long()")
+        y = y.long()
     if n is not None and y.shape[0] != n:
         raise InputError(f"{name} has {y.shape[0]} labels but there are {n} images")
     if y.numel() and int(y.min()) < 0:
@@ -75,6 +95,34 @@ def check_labels(y: object, n: int | None = None, name: str = "y", num_classes: 
     if num_classes is not None and y.numel() and int(y.max()) >= num_classes:
         raise InputError(f"{name} has class index {int(y.max())} but the model has {num_classes} classes")
     return y
+
+
+def check_num_classes(model_classes: int, data_classes: int, *, model: str = "the model", data: str = "the data") -> int:
+    """Raise :class:`InputError` unless a model's output count equals the data's class count.
+
+    ``model_classes`` is the number of logits the model outputs (e.g. ``model(x[:1]).shape[1]``
+    or a checkpoint's recorded ``num_classes``); ``data_classes`` is the data set's declared
+    ``num_classes``. A 3-class checkpoint on 10-class data would otherwise report an accuracy
+    and then crash (or score labels it can never predict as errors). Returns the count.
+    """
+    for value, what in ((model_classes, "model_classes"), (data_classes, "data_classes")):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InputError(f"{what} must be an integer >= 1, got {value!r}")
+    if model_classes != data_classes:
+        raise InputError(
+            f"{model} outputs {model_classes} classes but {data} has {data_classes} classes; "
+            "use a model (checkpoint) trained on this data set's classes"
+        )
+    return model_classes
+
+
+def check_target_class(target: int, num_classes: int, name: str = "target") -> int:
+    """Raise :class:`InputError` unless ``0 <= target < num_classes`` (a backdoor's attacker label)."""
+    if isinstance(target, bool) or not isinstance(target, int) or target < 0:
+        raise InputError(f"{name} must be a class index >= 0, got {target!r}")
+    if target >= num_classes:
+        raise InputError(f"{name} {target} is not a class of a data set with {num_classes} classes (0..{num_classes - 1})")
+    return target
 
 
 def check_same_device(*tensors: torch.Tensor, names: tuple[str, ...] | None = None) -> None:

@@ -72,3 +72,88 @@ def test_device_and_positive():
     for bad in (0, -1, math.nan, math.inf, "x"):
         with pytest.raises(InputError):
             check_positive(bad, "s")
+
+
+def test_labels_int64_only_unless_converted():
+    """Issue #12: int32 labels passed check_labels and crashed later inside cross_entropy."""
+    with pytest.raises(InputError, match=r"int64.*torch.int32.*y.long\(\)"):
+        check_labels(torch.tensor([0, 1], dtype=torch.int32))
+    with pytest.raises(InputError, match="uint8"):
+        check_labels(torch.tensor([0, 1], dtype=torch.uint8))
+    out = check_labels(torch.tensor([0, 1], dtype=torch.int32), convert=True)
+    assert out.dtype == torch.int64 and out.tolist() == [0, 1]
+    with pytest.raises(InputError, match="integer"):
+        check_labels(torch.tensor([0.0, 1.0]), convert=True)
+
+
+def test_data_layer_yields_int64_labels():
+    from robustkit.data import ArrayDataset, to_tensors
+    from torch.utils.data import TensorDataset
+
+    x = torch.rand(4, 1, 2, 2)
+    ds = ArrayDataset(x, torch.tensor([0, 1, 0, 1], dtype=torch.int32))
+    assert ds.labels.dtype == torch.int64
+    xt, yt = to_tensors(TensorDataset(x, torch.tensor([0, 1, 2, 1], dtype=torch.int32)))
+    assert yt.dtype == torch.int64 and yt.tolist() == [0, 1, 2, 1]
+    # a generic dataset's labels and images are checked, not truncated or passed on silently
+    with pytest.raises(InputError, match="integer class indices"):
+        to_tensors(TensorDataset(x, torch.tensor([0.5, 1.0, 0.0, 1.0])))
+    with pytest.raises(InputError, match=r"values in \[0, 1\]"):
+        to_tensors(TensorDataset(x * 255, torch.tensor([0, 1, 0, 1])))
+    # int32 labels from the data layer train without a dtype crash
+    import torch.nn.functional as F
+
+    F.cross_entropy(torch.zeros(4, 3), yt)
+
+
+def test_check_num_classes_and_target():
+    from robustkit.validation import check_num_classes, check_target_class
+
+    assert check_num_classes(10, 10) == 10
+    with pytest.raises(InputError, match="model.pt outputs 3 classes but the test set has 10 classes"):
+        check_num_classes(3, 10, model="model.pt", data="the test set")
+    with pytest.raises(InputError, match="model_classes must be an integer"):
+        check_num_classes(0, 10)
+    assert check_target_class(2, 3) == 2
+    with pytest.raises(InputError, match=r"target 99 is not a class of a data set with 3 classes \(0..2\)"):
+        check_target_class(99, 3)
+
+
+class _Linear(torch.nn.Module):
+    def __init__(self, k=3):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, k)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+def test_accuracy_validates_its_data():
+    """Issue #12: accuracy(model, Dataset) checked nothing (0..255, NaN, empty -> 0.0)."""
+    from torch.utils.data import Subset, TensorDataset
+
+    from robustkit.data import ArrayDataset
+    from robustkit.inference import accuracy
+
+    m = _Linear()
+    x, y = torch.rand(6, 1, 2, 2), torch.tensor([0, 1, 2, 0, 1, 2])
+    ds = ArrayDataset(x, y)
+    acc = accuracy(m, ds)
+    assert 0 <= acc <= 1 and acc == accuracy(m, (x, y)) == accuracy(m, (x, y.int()))
+    with pytest.raises(InputError, match=r"values in \[0, 1\]"):
+        accuracy(m, TensorDataset(x * 255, y))
+    with pytest.raises(InputError, match="NaN"):
+        accuracy(m, TensorDataset(torch.full_like(x, float("nan")), y))
+    with pytest.raises(InputError, match="empty"):
+        accuracy(m, Subset(ds, []))
+    with pytest.raises(InputError, match="integer"):
+        accuracy(m, TensorDataset(x, y.float()))
+    with pytest.raises(InputError, match=r"values in \[0, 1\]"):
+        accuracy(m, (x * 255, y))
+    with pytest.raises(InputError, match="6 labels but there are 5 images"):
+        accuracy(m, (x[:5], y))
+    # a label the model cannot output: a 3-class checkpoint on 10-class data
+    with pytest.raises(InputError, match="class index 9 but the model outputs only 3 classes"):
+        accuracy(m, ArrayDataset(x, torch.tensor([0, 1, 2, 9, 1, 2])))
+    with pytest.raises(InputError, match="batch_size"):
+        accuracy(m, ds, batch_size=0)

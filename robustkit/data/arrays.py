@@ -37,13 +37,16 @@ def _as_index(indices: IndexLike, n: int) -> torch.Tensor:
 class ArrayDataset(Dataset):
     """Images (float32 N x C x H x W in [0, 1]) and int64 labels held in memory.
 
+    Labels of any integer dtype (int32, uint8, ...) are accepted and stored as int64, the dtype
+    losses and indexing need; float labels are refused.
+
     ``classes`` names the classes (default ``"0"``, ``"1"``, ...); it may list more classes
     than the labels use, never fewer. ``ds[i]`` is ``(image C x H x W, int label)``.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, classes: Sequence[str] | None = None):
         check_images(images, "images")
-        check_labels(labels, images.shape[0], "labels")
+        labels = check_labels(labels, images.shape[0], "labels", convert=True)
         self.images: torch.Tensor = images.detach().float().contiguous()
         self.labels: torch.Tensor = labels.detach().long().contiguous()
         n_cls = int(self.labels.max()) + 1 if self.labels.numel() else 0
@@ -127,7 +130,8 @@ def _resolve_array_subset(dataset: Dataset) -> tuple[ArrayDataset, torch.Tensor 
 def to_tensors(dataset: Dataset, max_samples: int | None = None, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack the first ``max_samples`` (default: all) ``(image, label)`` pairs into ``(x, y)``.
 
-    ``x`` is float32 N x C x H x W, ``y`` int64 N. An :class:`ArrayDataset` (or ``Subset`` of
+    ``x`` is float32 N x C x H x W in [0, 1] (checked), ``y`` int64 N (labels of another
+    integer dtype are converted, float labels refused). An :class:`ArrayDataset` (or ``Subset`` of
     one) is read without a loop; for a whole ``ArrayDataset`` ``x`` shares its memory, so
     do not modify it in place.
     """
@@ -149,10 +153,22 @@ def to_tensors(dataset: Dataset, max_samples: int | None = None, batch_size: int
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
     view = Subset(dataset, range(n)) if n < len(dataset) else dataset  # type: ignore[arg-type]
     xs, ys = [], []
-    for xb, yb in DataLoader(view, batch_size=batch_size, shuffle=False):
-        xs.append(torch.as_tensor(xb))
-        ys.append(torch.as_tensor(yb).reshape(-1))
-    return torch.cat(xs).float(), torch.cat(ys).long()
+    for i, batch in enumerate(DataLoader(view, batch_size=batch_size, shuffle=False)):
+        if not isinstance(batch, (list, tuple)) or len(batch) != 2:
+            raise InputError("the dataset must yield (image, label) pairs")
+        xb, yb = batch
+        if not isinstance(xb, torch.Tensor):
+            raise InputError(f"the dataset's images must be tensors, got {type(xb).__name__}")
+        try:
+            yb = torch.as_tensor(yb).reshape(-1)
+        except (TypeError, ValueError, RuntimeError):
+            raise InputError("the dataset's labels must be integer class indices") from None
+        xs.append(xb)
+        ys.append(check_labels(yb, xb.shape[0], f"labels of the dataset (batch {i})", convert=True))
+    x = torch.cat(xs)
+    if not x.is_floating_point():
+        raise InputError(f"the dataset's images must be float in [0, 1], got dtype {x.dtype} (convert uint8 with x.float() / 255)")
+    return check_images(x.float(), "images of the dataset"), torch.cat(ys)
 
 
 def stratified_split(labels: IndexLike, test_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -161,7 +161,7 @@ def save_npz(path: str | Path, x: torch.Tensor | np.ndarray, y: torch.Tensor | n
     else:
         xt = images_to_tensor(np.asarray(x), "x")
     yt = y.detach().cpu() if isinstance(y, torch.Tensor) else torch.from_numpy(np.asarray(y))
-    check_labels(yt, xt.shape[0], "y")
+    yt = check_labels(yt, xt.shape[0], "y", convert=True)
     payload: dict[str, Any] = {}
     for k, v in extra.items():
         arr = v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
