@@ -82,6 +82,11 @@ class EvasionAttack(abc.ABC):
     - ``seed``: seed of the attack's own randomness (``None``: torch's global RNG).
     - :meth:`label` / :meth:`family`: how reports name it.
     - :meth:`with_options`: a copy with some settings changed (e.g. ``seed`` per batch).
+    - :meth:`describe`: the settings that define the attack's strength (reports record them);
+      ``reduced`` is True when the budget is below the attack's published default.
+    - :meth:`run`: ``(x_adv, verdict)`` where ``verdict`` is the attack's own per-example
+      "still robust" flags when it computes them (AutoAttack), else ``None``. Evaluators never
+      count an image robust that the attack itself found broken.
     """
 
     norm: str = "linf"
@@ -113,6 +118,26 @@ class EvasionAttack(abc.ABC):
         if self.eot_samples > 1:
             parts.append(f"EOT={self.eot_samples}")
         return " ".join(parts)
+
+    def describe(self) -> dict[str, Any]:
+        """Public settings (plain values), plus ``reduced`` (default False)."""
+        out = {k: v for k, v in vars(self).items() if not k.startswith("_")
+               and isinstance(v, (bool, int, float, str, type(None), list, tuple))}
+        out.setdefault("eot_samples", self.eot_samples)
+        out["reduced"] = self.reduced
+        return out
+
+    @property
+    def reduced(self) -> bool:
+        """True when the attack runs with less budget than its published setting (default: False)."""
+        return False
+
+    def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(x_adv, verdict)``: ``verdict`` is the attack's own per-example robust flags, or None."""
+        x_adv = self(model, x, y)
+        verdict = getattr(self, "_last_verdict", None)
+        self._last_verdict = None
+        return x_adv, verdict
 
     def with_options(self, **changes: Any) -> "EvasionAttack":
         """A shallow copy with the given attributes changed; unknown names raise."""
@@ -325,7 +350,12 @@ class FilterResult:
             raise InputError(
                 f"scores and flagged must be 1-D of equal length, got {tuple(self.scores.shape)} and {tuple(self.flagged.shape)}"
             )
-        self.flagged = self.flagged.bool()
+        if self.flagged.dtype != torch.bool:
+            f = self.flagged
+            if f.is_floating_point() and not torch.isfinite(f).all() or not ((f == 0) | (f == 1)).all():
+                raise InputError("flagged must be a boolean mask (or 0/1 values); got other values - "
+                                 "threshold the scores first")
+            self.flagged = f.bool()
 
     def kept_indices(self) -> list[int]:
         return torch.nonzero(~self.flagged).flatten().tolist()

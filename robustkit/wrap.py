@@ -31,6 +31,8 @@ class Defended(nn.Module):
         self.preprocess = nn.Sequential(*pre)
         self.model = model
         self.check_input = check_input
+        # the wrapper takes the model's mode; its children keep their own (wrapping changes nothing)
+        self.training = model.training
 
     @property
     def randomized(self) -> bool:

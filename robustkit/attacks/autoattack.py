@@ -19,11 +19,13 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..base import EvasionAttack
+from ..base import EvasionAttack, format_eps
 from ..errors import InputError
 from ..registry import ATTACKS
 
 VERSIONS = ("standard", "rand", "plus", "custom")
+DEFAULT_N_ITER = 100  # APGD / FAB iterations in every published version
+DEFAULT_EOT_ITER = 20  # EOT draws of the 'rand' version
 KNOWN_ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
 _NORMS = {"linf": "Linf", "l2": "L2"}
 
@@ -48,13 +50,26 @@ class AutoAttack(EvasionAttack):
         attacks: with ``version="custom"``, the list to run, e.g. ``["apgd-ce", "apgd-t"]``.
         seed: seed of the attacks' randomness.
         batch_size: AutoAttack's internal batch size.
-        n_iter: override the iterations of the APGD attacks (100 in every published version;
-            lower only for smoke tests, and say so).
+        n_iter: override the iterations of the APGD / FAB attacks (100 in every published version;
+            Square gets ``10 * n_iter`` queries). APGD's step-size checkpoints are recomputed for
+            the new budget. Fewer than 100 marks the attack *reduced*: reports label it so and it
+            never fills RobustBench's ``autoattack_acc``.
+        eot_iter: EOT draws per APGD gradient in ``rand`` (published: 20). Evaluators set 1 for a
+            deterministic defense, where extra draws only repeat the same gradient; a user value
+            below 20 on a randomized defense marks the attack reduced.
     """
 
     def __init__(self, eps: float = 8 / 255, norm: str = "linf", version: str = "standard",
-                 attacks: list | None = None, seed: int | None = 0, batch_size: int = 250, n_iter: int | None = None):
+                 attacks: list | None = None, seed: int | None = 0, batch_size: int = 250, n_iter: int | None = None,
+                 eot_iter: int | None = None):
         super().__init__(eps=eps, norm=norm)
+        for name, v in (("n_iter", n_iter), ("eot_iter", eot_iter)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise InputError(f"{name} must be an integer >= 1, got {v!r}")
+        if eot_iter is not None and version != "rand":
+            raise InputError("eot_iter applies to version='rand' only (the other versions use no EOT)")
+        self.eot_iter = eot_iter
+        self._deterministic_target = False
         if version not in VERSIONS:
             raise InputError(f"version must be one of {VERSIONS}, got {version!r}")
         if version == "custom":
@@ -70,7 +85,49 @@ class AutoAttack(EvasionAttack):
     @property
     def eot_samples(self) -> int:
         """'rand' averages gradients over 20 draws (EOT): the adaptive choice for randomized defenses."""
-        return 20 if self.version == "rand" else 1
+        if self.version != "rand":
+            return 1
+        return self.eot_iter if self.eot_iter is not None else DEFAULT_EOT_ITER
+
+    @eot_samples.setter
+    def eot_samples(self, value: int) -> None:
+        if self.version != "rand":
+            if value != 1:
+                raise InputError(f"AutoAttack version {self.version!r} uses no EOT")
+            return
+        self.eot_iter = int(value)
+        self._deterministic_target = int(value) == 1  # set by evaluators for deterministic defenses
+
+    @property
+    def reduced(self) -> bool:
+        """Fewer APGD/FAB iterations than published, or fewer EOT draws than 20 chosen by the user."""
+        few_iters = self.n_iter is not None and self.n_iter < DEFAULT_N_ITER
+        few_draws = (self.version == "rand" and self.eot_iter is not None and self.eot_iter < DEFAULT_EOT_ITER
+                     and not self._deterministic_target)
+        return few_iters or few_draws
+
+    def family(self) -> str:
+        norm = "Linf" if self.norm == "linf" else self.norm.upper()
+        reduced = " (reduced)" if self.reduced else ""
+        return f"AutoAttack-{self.version}-{norm}{reduced}"
+
+    def label(self) -> str:
+        parts = [f"AutoAttack-{self.version}-{'Linf' if self.norm == 'linf' else self.norm.upper()}",
+                 f"eps={format_eps(self.eps, self.norm)}"]
+        if self.version == "rand":
+            parts.append(f"EOT={self.eot_samples}")
+        if self.reduced:
+            parts.append(f"(reduced: n_iter={self.n_iter or DEFAULT_N_ITER}"
+                         + (f", EOT={self.eot_samples})" if self.version == "rand" else ")"))
+        return " ".join(parts)
+
+    def describe(self) -> dict[str, Any]:
+        """Version, attacks run, iterations, restarts, EOT draws, and whether the budget is reduced."""
+        adversary = self.build(nn.Identity(), torch.device("cpu"))
+        return {"version": self.version, "attacks": list(adversary.attacks_to_run), "n_iter": adversary.apgd.n_iter,
+                "restarts": adversary.apgd.n_restarts, "eot_iter": adversary.apgd.eot_iter,
+                "square_queries": adversary.square.n_queries, "eps": self.eps, "norm": self.norm, "seed": self.seed,
+                "reduced": self.reduced}
 
     def build(self, model: nn.Module, device: torch.device) -> Any:
         pa = _import_pyautoattack()
@@ -78,15 +135,26 @@ class AutoAttack(EvasionAttack):
                                   eps=self.eps, norm=_NORMS[self.norm], seed=self.seed, version=self.version)
         adversary.verbose = False
         if self.n_iter is not None:
-            adversary.apgd.n_iter = adversary.apgd_targeted.n_iter = int(self.n_iter)
-            adversary.fab.n_iter = int(self.n_iter)
-            adversary.square.n_queries = max(int(self.n_iter) * 10, 10)
+            n = int(self.n_iter)
+            for apgd in (adversary.apgd, adversary.apgd_targeted):
+                apgd.n_iter = n
+                # APGD fixes its step-size checkpoints from n_iter in __init__ (0.22 / 0.06 / 0.03 of the
+                # budget); recompute them, or a lowered n_iter keeps the 100-iteration schedule.
+                apgd.n_iter_2 = max(int(0.22 * n), 1)
+                apgd.n_iter_min = max(int(0.06 * n), 1)
+                apgd.size_decr = max(int(0.03 * n), 1)
+            adversary.fab.n_iter = n
+            adversary.square.n_queries = max(n * 10, 10)
+        if self.version == "rand" and self.eot_iter is not None:
+            adversary.apgd.eot_iter = int(self.eot_iter)
         return adversary
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logging.getLogger("auto-attack").setLevel(logging.WARNING)
         adversary = self.build(model, x.device)
-        x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=self.batch_size)
+        x_adv, y_adv = adversary.run_standard_evaluation(x, y, batch_size=self.batch_size)
+        # pyautoattack's own verdict: correct on its clean check and never broken by any of its attacks
+        self._last_verdict = (y_adv.to(y.device) == y).detach()
         # AutoAttack projects onto the ball; remove float round-off so the base check holds exactly
         return self.project(x_adv.to(x.dtype), x)
 

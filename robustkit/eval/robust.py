@@ -114,19 +114,43 @@ def validate_evaluation(defenses: Any, attacks: Any, path: str = "evaluate") -> 
 
 @dataclass
 class Evaluation:
-    """Rows of :func:`evaluate_defenses` (one per defense x condition) and the notes a report needs."""
+    """Rows of :func:`evaluate_defenses` (one per defense x condition, plus one worst-case row per
+    defense and radius) and the notes a report needs."""
 
     rows: list[dict[str, Any]]
     notes: list[str]
     n: int
     swept: bool
+    draws: int = 1
 
     def defenses(self) -> list[str]:
         return list(dict.fromkeys(r["defense"] for r in self.rows))
 
     def table(self) -> list[dict[str, Any]]:
-        """The rows as a report shows them (without the plot-only ``family`` key)."""
-        return [{k: v for k, v in r.items() if k != "family"} for r in self.rows]
+        """The rows as a report shows them (without plot-only and per-setting keys)."""
+        hidden = {"family", "settings", "kind"}
+        return [{k: v for k, v in r.items() if k not in hidden} for r in self.rows]
+
+
+def worst_case_name(k: int) -> str:
+    return f"worst case over {k} attack{'s' if k != 1 else ''}"
+
+
+def _worst_case_rows(label: str, results: list[tuple[dict[str, Any], Any]]) -> list[dict[str, Any]]:
+    """Per radius: the images that survive *every* adaptive attack (AutoAttack's ensemble rule)."""
+    rows = []
+    by_eps: dict[tuple[str, float], list[Any]] = {}
+    for row, res in results:
+        if row["adaptive"] is True:
+            by_eps.setdefault((row["norm"], row["eps"]), []).append(res)
+    for (norm, eps), group in by_eps.items():
+        frac = torch.stack([r.robust_frac for r in group]).min(0).values  # per image: its worst attack
+        all_draws = torch.stack([r.robust_correct for r in group]).all(0)
+        rows.append({"defense": label, "attack": worst_case_name(len(group)) + f" eps={format_eps(eps, norm)}",
+                     "norm": norm, "eps": eps, "accuracy": float(frac.mean()), "all_draws": float(all_draws.float().mean()),
+                     "draws": group[0].draws, "adaptive": True, "gradient": "-", "seconds": sum(r.seconds for r in group),
+                     "family": worst_case_name(len(group)), "kind": "worst_case", "settings": {}})
+    return rows
 
 
 def evaluate_defenses(
@@ -140,14 +164,18 @@ def evaluate_defenses(
     batch_size: int = 256,
     seed: int | None = 0,
     shard: tuple[int, int] | None = None,
+    draws: int = 10,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> Evaluation:
     """Clean and robust accuracy of ``model`` behind each defense under each attack.
 
     ``eps``: optional radii; each attack then runs at each of them (its own ``eps`` is
-    overridden). Batch ``b`` is attacked with seed ``seed + b`` (attack and defense
-    randomness), so the result is the same under ``torchrun`` sharding.
+    overridden). A randomized defense is scored over ``draws`` draws of its randomness: the
+    ``accuracy`` column is the mean over draws (the headline), ``all_draws`` counts an image
+    only if it was robust in every draw. Per defense and radius a *worst case* row counts the
+    images that survive every adaptive attack (per image, its worst attack). Batch ``b`` is
+    attacked with seed ``seed + b``, so the result is the same under ``torchrun`` sharding.
     """
     from ..registry import parse_number
 
@@ -157,32 +185,53 @@ def evaluate_defenses(
     attack_specs = parse_attacks(attacks)
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
-    run = dict(batch_size=batch_size, progress=progress, seed=seed, shard=shard)
+    run = dict(batch_size=batch_size, progress=progress, seed=seed, shard=shard, draws=draws)
+    n_draws = 1
     for d in parse_defenses(defenses):
         defended: Defended = wrap(model, *d.build(device))
         bpda = not defended.differentiable
         if bpda:  # same forward; straight-through gradients for the non-differentiable parts
             defended = with_bpda(defended)
-        clean = robust_accuracy(defended, None, x, y, desc=f"{d.label} / clean", **run).clean_accuracy
-        say(f"  {d.label}: clean accuracy {clean:.3f} on {x.shape[0]} test images")
-        rows.append({"defense": d.label, "attack": "clean", "norm": "-", "eps": "-", "accuracy": clean,
-                     "adaptive": "-", "gradient": "-", "seconds": 0.0, "family": "clean"})
+        res = robust_accuracy(defended, None, x, y, desc=f"{d.label} / clean", **run)
+        n_draws = max(n_draws, res.draws)
+        say(f"  {d.label}: clean accuracy {res.clean_accuracy:.3f} on {x.shape[0]} test images"
+            + (f" (mean over {res.draws} draws)" if res.draws > 1 else ""))
+        rows.append({"defense": d.label, "attack": "clean", "norm": "-", "eps": "-", "accuracy": res.clean_accuracy,
+                     "all_draws": res.clean_all_draws, "draws": res.draws, "adaptive": "-", "gradient": "-",
+                     "seconds": res.seconds, "family": "clean", "kind": "clean", "settings": {}})
+        done: set[str] = set()
+        results: list[tuple[dict[str, Any], Any]] = []
         for i, a in enumerate(attack_specs):
             for radius in radii:
                 attack = a.build(radius, f"attacks[{i}]")
-                name = a.name(attack, radius is not None)
-                if not defended.randomized and attack.eot_samples > 1 and "eot_samples" in vars(attack):
+                if not defended.randomized and attack.eot_samples > 1:
                     # a deterministic model gives the same gradient on every EOT pass: one is enough
                     attack = attack.with_options(eot_samples=1)
+                name = a.name(attack, radius is not None)
+                if name in done:
+                    notes.append(f"'{d.label}': '{name}' ran once; the same attack with EOT adds nothing on a "
+                                 "deterministic defense")
+                    continue
+                done.add(name)
                 res = robust_accuracy(defended, attack, x, y, desc=f"{d.label} / {name}", **run)
                 adaptive = (not defended.randomized) or attack.eot_samples > 1
-                rows.append({"defense": d.label, "attack": name, "norm": attack.norm, "eps": attack.eps,
-                             "accuracy": res.robust_accuracy, "adaptive": adaptive,
-                             "gradient": "BPDA" if bpda else "exact", "seconds": res.seconds,
-                             "family": a.label or attack.family()})
+                row = {"defense": d.label, "attack": name, "norm": attack.norm, "eps": attack.eps,
+                       "accuracy": res.robust_accuracy, "all_draws": res.robust_all_draws, "draws": res.draws,
+                       "adaptive": adaptive, "gradient": "BPDA" if bpda else "exact", "seconds": res.seconds,
+                       "family": a.label or attack.family(), "kind": type(attack).__name__.lower(),
+                       "settings": attack.describe()}
+                rows.append(row)
+                results.append((row, res))
                 say(f"  {d.label} / {name}: robust accuracy {res.robust_accuracy:.3f} ({res.seconds:.1f} s)")
                 if not adaptive:
                     notes.append(
                         f"'{d.label}' is randomized but '{name}' averages no gradients over its randomness (no EOT): "
                         "its robust accuracy is an upper bound, not evidence of robustness.")
-    return Evaluation(rows, notes, int(x.shape[0]), swept=len(radii) > 1)
+                if attack.reduced:
+                    notes.append(f"'{name}' ran with a reduced budget ({attack.describe()}): it is a weaker attack "
+                                 "than the published one and its number is not an AutoAttack result.")
+        worst = _worst_case_rows(d.label, results)
+        rows.extend(worst)
+        for w in worst:
+            say(f"  {d.label} / {w['attack']}: robust accuracy {w['accuracy']:.3f}")
+    return Evaluation(rows, notes, int(x.shape[0]), swept=len(radii) > 1, draws=n_draws)
