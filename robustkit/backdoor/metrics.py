@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
@@ -19,6 +21,7 @@ from torch.utils.data import Dataset
 from ..data.arrays import to_tensors
 from ..errors import InputError
 from ..inference import accuracy, predict
+from .poisoned import resolve_num_classes
 
 
 @dataclass
@@ -34,9 +37,17 @@ class BackdoorMetrics:
 
 
 def triggered_test_set(attack: Any, test: Dataset, num_classes: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triggered copies of the test images that count for ASR: ``(x_triggered, y_true, y_target)``."""
+    """Triggered copies of the test images that count for ASR: ``(x_triggered, y_true, y_target)``.
+
+    The class count is ``num_classes`` if given, else the one ``test`` declares (a
+    :class:`~robustkit.data.DataBundle` split, a ``Subset`` of one, a dataset with
+    ``num_classes`` or ``classes``). It is never inferred from ``max(test label) + 1`` for an
+    all-to-all attack (a test set missing the last class would map its labels to the wrong
+    targets): without a known count that raises :class:`InputError`. The target (all-to-one)
+    and every label must be below the count.
+    """
     x, y = to_tensors(test)
-    k = num_classes or int(y.max()) + 1
+    k = resolve_num_classes(test, y, attack, num_classes, "measuring the attack success rate")
     keep = torch.ones_like(y, dtype=torch.bool) if attack.all_to_all else y != attack.target
     if not bool(keep.any()):
         raise InputError("the test set has no sample outside the target class: ASR is undefined")
@@ -48,8 +59,8 @@ def backdoor_metrics(model: nn.Module, attack: Any, test: Dataset, num_classes: 
                      batch_size: int = 256) -> BackdoorMetrics:
     """ACC on the clean test set, ASR and RA on its triggered non-target images."""
     x, y = to_tensors(test)
-    acc = float((predict(model, x, batch_size) == y).float().mean())
     xt, yt, target = triggered_test_set(attack, test, num_classes)
+    acc = accuracy(model, (x, y), batch_size)  # also refuses labels the model cannot output
     pred = predict(model, xt, batch_size)
     return BackdoorMetrics(
         acc=acc,
@@ -60,11 +71,29 @@ def backdoor_metrics(model: nn.Module, attack: Any, test: Dataset, num_classes: 
     )
 
 
+def _rates(metrics: BackdoorMetrics | dict, name: str) -> tuple[float, float]:
+    d = metrics.to_dict() if hasattr(metrics, "to_dict") else metrics
+    if not isinstance(d, dict) or "acc" not in d or "asr" not in d:
+        raise InputError(f"{name} must be BackdoorMetrics or a mapping with 'acc' and 'asr', got {metrics!r}")
+    out = []
+    for key in ("acc", "asr"):
+        v = d[key]
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)) or not 0 <= v <= 1:
+            hint = " (fractions in [0, 1], not percentages)" if isinstance(v, numbers.Real) and 1 < v <= 100 else ""
+            raise InputError(f"{name}[{key!r}] must be a finite fraction in [0, 1], got {v!r}{hint}")
+        out.append(float(v))
+    return out[0], out[1]
+
+
 def defense_effectiveness_rating(before: BackdoorMetrics | dict, after: BackdoorMetrics | dict) -> float:
-    """DER = [max(0, dASR) - max(0, dACC) + 1] / 2 with drops measured before -> after (in [0, 1])."""
-    b = before.to_dict() if hasattr(before, "to_dict") else before
-    a = after.to_dict() if hasattr(after, "to_dict") else after
-    return (max(0.0, b["asr"] - a["asr"]) - max(0.0, b["acc"] - a["acc"]) + 1) / 2
+    """DER = [max(0, dASR) - max(0, dACC) + 1] / 2 with drops measured before -> after (in [0, 1]).
+
+    ``acc`` and ``asr`` must be fractions in [0, 1]: percentages (e.g. 97.5) or NaN raise
+    :class:`InputError` instead of giving a rating outside [0, 1].
+    """
+    b_acc, b_asr = _rates(before, "before")
+    a_acc, a_asr = _rates(after, "after")
+    return (max(0.0, b_asr - a_asr) - max(0.0, b_acc - a_acc) + 1) / 2
 
 
 def backdoor_monitor(test_data: Dataset | None, backdoor: Any, num_classes: int | None

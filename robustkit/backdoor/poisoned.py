@@ -2,16 +2,23 @@
 
 The poisoned subset is drawn deterministically from a seed. Dirty-label attacks (BadNets,
 Blended, WaNet) poison ``round(rate * N)`` samples whose label is not the target and relabel
-them; clean-label attacks (SIG) poison only target-class samples and keep their labels. WaNet's
-noise mode additionally warps ``cross_ratio`` times as many other samples with a perturbed
-warp and keeps their labels (they are *not* counted as poisoned). ``poisoned_indices`` is the
-ground truth for filtering defenses.
+them; clean-label attacks (SIG) poison only target-class samples and keep their labels. Attacks
+that declare extra samples (:meth:`~robustkit.base.BackdoorAttack.extra_samples`: WaNet's noise
+mode) additionally alter that many other samples with
+:meth:`~robustkit.base.BackdoorAttack.apply_extra` and keep their labels (they are listed in
+``noise_indices`` and *not* counted as poisoned). ``poisoned_indices`` is the ground truth for
+filtering defenses.
+
+The manifest records the attack's :meth:`~robustkit.base.BackdoorAttack.config` (constructor
+arguments as plain data, arrays included), so :func:`rebuild_attack` gives back the exact trigger.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import numbers
 from pathlib import Path
 from typing import Any
 
@@ -21,19 +28,62 @@ from torch.utils.data import Dataset
 
 from ..errors import DataNotFoundError, InputError
 from ..io import atomic_path, atomic_write_json
-from ..data.arrays import ArrayDataset, to_tensors
+from ..data.arrays import ArrayDataset, declared_classes, declared_num_classes, to_tensors
 from ..data.npz import save_npz
+from ..validation import check_target_class
 
-MANIFEST_VERSION = 1
+# 2: attack_params is the attack's config() (rebuilds it exactly); folders are named by class index
+MANIFEST_VERSION = 2
 
 
-def _attack_params(attack: Any) -> dict[str, Any]:
-    out = {}
-    for k, v in vars(attack).items():
-        if k.startswith("_"):
-            continue
-        out[k] = v if isinstance(v, (int, float, str, bool, type(None))) else (list(v) if isinstance(v, (list, tuple)) else repr(v))
-    return out
+def resolve_num_classes(dataset: Dataset, y: torch.Tensor, attack: Any, num_classes: int | None, what: str) -> int:
+    """The class count for poisoning / measuring ``attack`` on ``dataset`` (labels ``y``).
+
+    ``num_classes`` if given, else the count the dataset declares. Only an all-to-one attack
+    may fall back to ``max(label) + 1``: all-to-all maps y -> (y + 1) mod K and a K inferred
+    from labels that miss the last classes would be wrong, so it raises instead. Labels and
+    the attack's target must lie below the count (:class:`InputError` otherwise).
+    """
+    declared = declared_num_classes(dataset)
+    if num_classes is not None:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 2:
+            raise InputError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+        k = int(num_classes)
+    elif declared is not None:
+        k = declared
+    elif getattr(attack, "all_to_all", False):
+        raise InputError(
+            f"{what} with an all-to-all attack needs the number of classes: pass num_classes= "
+            "(the dataset does not declare its classes and max(label) + 1 may undercount them)"
+        )
+    else:
+        k = int(y.max()) + 1
+    if y.numel() and int(y.max()) >= k:
+        raise InputError(f"{what}: the data has class index {int(y.max())} but there are only {k} classes")
+    if not getattr(attack, "all_to_all", False):
+        check_target_class(attack.target, k, f"{type(attack).__name__} target")
+    return k
+
+
+def attack_name(attack: Any) -> str:
+    return getattr(type(attack), "registry_name", type(attack).__name__)
+
+
+def rebuild_attack(manifest: dict[str, Any]) -> Any:
+    """The exact attack a manifest was written with (``BACKDOORS.build`` of its name and config)."""
+    from ..registry import BACKDOORS
+    from .. import backdoor  # noqa: F401  (registers the built-in triggers)
+
+    version = manifest.get("version", 1)
+    if not isinstance(version, int) or version < 2:
+        raise InputError(
+            f"manifest version {version!r} does not record the attack's exact configuration; "
+            "poison and save the data again with this robustkit"
+        )
+    name, params = manifest.get("attack"), manifest.get("attack_params")
+    if not isinstance(name, str) or not isinstance(params, dict):
+        raise InputError("manifest lacks 'attack' (a name) and 'attack_params' (a mapping)")
+    return BACKDOORS.build({"name": name, **params}, "manifest.attack_params")
 
 
 class PoisonedDataset(Dataset):
@@ -48,13 +98,18 @@ class PoisonedDataset(Dataset):
     """
 
     def __init__(self, dataset: Dataset, attack: Any, rate: float = 0.1, seed: int = 0, num_classes: int | None = None):
-        if not 0 <= rate <= 1:
+        if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not (math.isfinite(rate) and 0 <= rate <= 1):
             raise InputError(f"poisoning rate must be in [0, 1], got {rate!r}")
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+            raise InputError(f"seed must be an integer >= 0, got {seed!r}")
         x, y = to_tensors(dataset)
         n = x.shape[0]
-        k = int(num_classes or getattr(dataset, "num_classes", 0) or int(y.max()) + 1)
+        k = resolve_num_classes(dataset, y, attack, num_classes, "poisoning")
         self.attack, self.rate, self.seed, self.num_classes = attack, float(rate), int(seed), k
-        self.classes = list(getattr(dataset, "classes", None) or [str(i) for i in range(k)])
+        classes = declared_classes(dataset)
+        if classes is not None and len(classes) != k:
+            raise InputError(f"num_classes={k} but the dataset declares {len(classes)} classes")
+        self.classes = classes if classes is not None else [str(i) for i in range(k)]
         rng = np.random.default_rng(seed)
         n_poison = int(round(rate * n))
         if attack.clean_label:
@@ -78,14 +133,17 @@ class PoisonedDataset(Dataset):
             images[idx] = attack.apply(x[idx])
             if not attack.clean_label:
                 labels[idx] = attack.target_labels(y[idx], k)
+        # extra label-kept samples (WaNet's noise mode), disjoint from the poisoned ones
         self.noise_indices: list[int] = []
-        if getattr(attack, "noise_mode", False) and getattr(attack, "cross_ratio", 0) > 0 and n_poison:
+        n_extra = int(attack.extra_samples(n_poison)) if n_poison else 0
+        if n_extra > 0:
             rest = np.setdiff1d(np.arange(n), chosen)
-            n_noise = min(len(rest), int(round(attack.cross_ratio * n_poison)))
-            noise = np.sort(rng.choice(rest, size=n_noise, replace=False))
-            self.noise_indices = noise.tolist()
-            nidx = torch.as_tensor(noise, dtype=torch.long)
-            images[nidx] = attack.apply_noise(x[nidx], torch.Generator().manual_seed(seed + 1))
+            n_extra = min(len(rest), n_extra)
+        if n_extra > 0:
+            extra = np.sort(rng.choice(rest, size=n_extra, replace=False))
+            self.noise_indices = extra.tolist()
+            eidx = torch.as_tensor(extra, dtype=torch.long)
+            images[eidx] = attack.apply_extra(x[eidx], torch.Generator().manual_seed(seed + 1))
         self.images, self.labels = images, labels
         self.is_poisoned = torch.zeros(n, dtype=torch.bool)
         self.is_poisoned[idx] = True
@@ -107,8 +165,8 @@ class PoisonedDataset(Dataset):
         return {
             "format": "robustkit.poisoned",
             "version": MANIFEST_VERSION,
-            "attack": getattr(type(self.attack), "registry_name", type(self.attack).__name__),
-            "attack_params": _attack_params(self.attack),
+            "attack": attack_name(self.attack),
+            "attack_params": self.attack.config(),
             "rate": self.rate,
             "seed": self.seed,
             "num_samples": len(self),
@@ -121,8 +179,12 @@ class PoisonedDataset(Dataset):
     def save(self, path: str | Path) -> Path:
         """Write ``path`` (``.npz`` arrays, or a folder of PNGs per class) plus ``manifest.json``.
 
-        For ``.npz`` the manifest is ``<path>.manifest.json``; for a folder it is inside it.
-        Every file is written atomically; the manifest, written last, records the data's SHA-256.
+        For ``.npz`` the manifest is ``<path>.manifest.json``; for a folder it is inside it, and
+        the class folders are named by class index (``0``, ``1``, ... zero-padded so that they
+        sort numerically); the class names are in the manifest. Every file is written
+        atomically; the manifest, written last, records the data's SHA-256 (``.npz``). The
+        manifest is built first, so an attack that cannot record its configuration raises
+        before anything is written.
         """
         return save_poisoned(self.images, self.labels, self.manifest(), path, self.original_labels)
 
@@ -140,19 +202,32 @@ def save_poisoned(images: torch.Tensor, labels: torch.Tensor, manifest: dict[str
         return p
     from PIL import Image
 
-    p.mkdir(parents=True, exist_ok=True)
     classes = manifest.get("classes") or [str(i) for i in range(int(labels.max()) + 1)]
+    if labels.numel() and int(labels.max()) >= len(classes):
+        raise InputError(f"labels go up to {int(labels.max())} but the manifest names only {len(classes)} classes")
+    p.mkdir(parents=True, exist_ok=True)
     files = []
     arr = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     for i, (img, lab) in enumerate(zip(arr, labels.tolist())):
-        rel = f"{classes[lab]}/{i:06d}.png"
-        (p / classes[lab]).mkdir(exist_ok=True)
+        folder = class_folder(lab, len(classes))
+        rel = f"{folder}/{i:06d}.png"
+        (p / folder).mkdir(exist_ok=True)
         with atomic_path(p / rel, suffix=".png") as tmp:
             Image.fromarray(img[:, :, 0] if img.shape[2] == 1 else img).save(tmp, format="PNG")
         files.append(rel)
     manifest["files"] = files
+    manifest["class_folders"] = "index"
     atomic_write_json(p / "manifest.json", manifest)
     return p
+
+
+def class_folder(label: int, num_classes: int) -> str:
+    """The folder of class ``label``: its index, zero-padded so that folders sort numerically.
+
+    Names are never used as folder names: two classes may share a name, and a name may hold
+    ``/`` or other characters a file system refuses. The names stay in the manifest.
+    """
+    return f"{label:0{len(str(max(num_classes - 1, 0)))}d}"
 
 
 class LoadedPoisonedDataset(ArrayDataset):
@@ -162,8 +237,23 @@ class LoadedPoisonedDataset(ArrayDataset):
         super().__init__(images, labels, manifest.get("classes"))
         self.manifest = manifest
         self.poisoned_indices: list[int] = list(manifest.get("poisoned_indices", []))
+        self.noise_indices: list[int] = list(manifest.get("noise_indices", []))
         self.is_poisoned = torch.zeros(len(self), dtype=torch.bool)
         self.is_poisoned[self.poisoned_indices] = True
+
+    def attack(self) -> Any:
+        """The exact attack the set was poisoned with, rebuilt from the manifest (:func:`rebuild_attack`)."""
+        return rebuild_attack(self.manifest)
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path} is not a valid JSON manifest ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != "robustkit.poisoned":
+        raise InputError(f"{path} is not a robustkit poisoned-dataset manifest")
+    return manifest
 
 
 def load_poisoned(path: str | Path) -> LoadedPoisonedDataset:
@@ -175,23 +265,38 @@ def load_poisoned(path: str | Path) -> LoadedPoisonedDataset:
         mpath = p / "manifest.json"
         if not mpath.is_file():
             raise DataNotFoundError(f"{p} has no manifest.json (not written by robustkit?)")
-        manifest = json.loads(mpath.read_text())
+        manifest = _read_manifest(mpath)
         from PIL import Image
 
         imgs, labels = [], []
-        classes = manifest["classes"]
-        for rel in manifest["files"]:
+        classes = manifest.get("classes")
+        files = manifest.get("files")
+        if not isinstance(classes, list) or not isinstance(files, list) or not files:
+            raise InputError(f"{mpath} lacks the 'classes' and 'files' lists of a robustkit poisoned folder")
+        by_index = manifest.get("class_folders") == "index"
+        folders = {class_folder(i, len(classes)): i for i in range(len(classes))} if by_index else None
+        for rel in files:
+            folder = str(rel).split("/")[0]
+            if by_index:
+                if folder not in folders:
+                    raise InputError(f"{mpath}: file {rel!r} is not in a class folder 0..{len(classes) - 1}")
+                labels.append(folders[folder])
+            else:  # version 1: folders named by class name
+                if folder not in classes:
+                    raise InputError(f"{mpath}: file {rel!r} is in folder {folder!r}, which is not a class name")
+                labels.append(classes.index(folder))
+            if not (p / rel).is_file():
+                raise DataNotFoundError(f"{p / rel} listed in {mpath} is missing")
             with Image.open(p / rel) as im:
                 a = np.asarray(im)
             imgs.append(a[:, :, None] if a.ndim == 2 else a)
-            labels.append(classes.index(rel.split("/")[0]))
         x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 255
         y = torch.tensor(labels)
     else:
         mpath = p.with_name(p.name + ".manifest.json")
         if not mpath.is_file():
             raise DataNotFoundError(f"manifest {mpath} not found beside {p}")
-        manifest = json.loads(mpath.read_text())
+        manifest = _read_manifest(mpath)
         digest = hashlib.sha256(p.read_bytes()).hexdigest()
         if manifest.get("sha256") and manifest["sha256"] != digest:
             raise InputError(f"{p} does not match its manifest (sha256 differs): the file was changed or truncated")

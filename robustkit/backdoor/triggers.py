@@ -16,7 +16,10 @@ Defaults follow BackdoorBench (see ../shared/REFERENCES.md section 6).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+import numbers
+from typing import Any, Sequence
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
@@ -29,11 +32,37 @@ from ..validation import check_images
 CORNERS = ("bottom-right", "bottom-left", "top-right", "top-left")
 
 
-def _check_unit(value: float, name: str, lo: float = 0.0, hi: float = 1.0) -> float:
+def _number(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InputError(f"{name} must be a number, got {value!r}")
     v = float(value)
-    if not (lo <= v <= hi) or math.isnan(v):
+    if not math.isfinite(v):
+        raise InputError(f"{name} must be finite, got {value!r}")
+    return v
+
+
+def _check_unit(value: object, name: str, lo: float = 0.0, hi: float = 1.0) -> float:
+    v = _number(value, name)
+    if not lo <= v <= hi:
         raise InputError(f"{name} must be in [{lo}, {hi}], got {value!r}")
     return v
+
+
+def _check_int(value: object, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < minimum:
+        raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_bool(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise InputError(f"{name} must be true or false, got {value!r}")
+    return value
+
+
+def _check_target(target: object, all_to_all: object) -> None:
+    _check_int(target, "target", 0)
+    _check_bool(all_to_all, "all_to_all")
 
 
 @BACKDOORS.register("badnets")
@@ -50,16 +79,22 @@ class BadNets(BackdoorAttack):
 
     def __init__(self, target: int = 0, size: int = 3, position: str | Sequence[int] = "bottom-right",
                  pattern: str = "white", margin: int = 0, all_to_all: bool = False):
-        super().__init__(target, all_to_all)
-        if not isinstance(size, int) or size < 1:
-            raise InputError(f"size must be an integer >= 1, got {size!r}")
+        _check_target(target, all_to_all)
+        super().__init__(int(target), all_to_all)
+        size = _check_int(size, "size", 1)
+        margin = _check_int(margin, "margin", 0)
         if pattern not in ("white", "black", "checkerboard"):
             raise InputError(f"pattern must be 'white', 'black' or 'checkerboard', got {pattern!r}")
-        if isinstance(position, str) and position not in CORNERS:
-            raise InputError(f"position must be one of {CORNERS} or [row, col], got {position!r}")
-        if not isinstance(position, str) and (len(position) != 2 or any(int(p) < 0 for p in position)):
-            raise InputError(f"position must be [row, col] with non-negative entries, got {position!r}")
-        self.size, self.position, self.pattern, self.margin = size, position, pattern, int(margin)
+        if isinstance(position, str):
+            if position not in CORNERS:
+                raise InputError(f"position must be one of {CORNERS} or [row, col], got {position!r}")
+        else:
+            if not isinstance(position, (list, tuple)) or len(position) != 2 or any(
+                isinstance(p, bool) or not isinstance(p, numbers.Integral) or p < 0 for p in position
+            ):
+                raise InputError(f"position must be a corner name or [row, col] with integers >= 0, got {position!r}")
+            position = [int(p) for p in position]
+        self.size, self.position, self.pattern, self.margin = size, position, pattern, margin
 
     def _origin(self, h: int, w: int) -> tuple[int, int]:
         s, m = self.size, self.margin
@@ -99,26 +134,45 @@ class Blended(BackdoorAttack):
     C x H x W in [0, 1] or as a path to an image file).
     """
 
-    def __init__(self, target: int = 0, alpha: float = 0.2, pattern: str = "random", seed: int = 0,
+    def __init__(self, target: int = 0, alpha: float = 0.2, pattern: str | Sequence | torch.Tensor = "random", seed: int = 0,
                  all_to_all: bool = False):
-        super().__init__(target, all_to_all)
+        _check_target(target, all_to_all)
+        super().__init__(int(target), all_to_all)
         self.alpha = _check_unit(alpha, "alpha")
-        self.seed = seed
-        self._pattern_spec = pattern
+        self.seed = _check_int(seed, "seed", 0)
         self._image: torch.Tensor | None = None
-        if isinstance(pattern, torch.Tensor):
-            check_images(pattern.unsqueeze(0) if pattern.dim() == 3 else pattern, "pattern")
-            self._image = pattern.reshape(pattern.shape[-3:]).float()
-        elif pattern != "random":
+        if isinstance(pattern, str) and pattern == "random":
+            return
+        if isinstance(pattern, str):
             from PIL import Image
-            import numpy as np
 
             try:
                 with Image.open(pattern) as im:
                     arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
-            except (OSError, FileNotFoundError) as exc:
+            except OSError as exc:
                 raise InputError(f"cannot read blend pattern image {pattern!r}: {exc}") from None
-            self._image = torch.from_numpy(arr).permute(2, 0, 1)
+            self._image = torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+            return
+        if not isinstance(pattern, torch.Tensor):  # a nested list / array (e.g. read back from a manifest)
+            try:
+                pattern = torch.from_numpy(np.asarray(pattern, dtype=np.float32))
+            except (TypeError, ValueError):
+                raise InputError("pattern must be 'random', an image path or a C x H x W array in [0, 1]") from None
+        if pattern.dim() not in (3, 4) or (pattern.dim() == 4 and pattern.shape[0] != 1):
+            raise InputError(f"pattern must be a C x H x W image in [0, 1], got shape {tuple(pattern.shape)}")
+        check_images(pattern.reshape(1, *pattern.shape[-3:]), "pattern")
+        self._image = pattern.detach().reshape(pattern.shape[-3:]).float().cpu().clone()
+
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments that rebuild this exact trigger.
+
+        A custom pattern (tensor, array or image file) is recorded as its pixel values (a nested
+        C x H x W list of float32 values, which JSON round-trips exactly), so a manifest
+        rebuilds the same trigger even if the image file changes or is gone.
+        """
+        pattern: Any = "random" if self._image is None else self._image.tolist()
+        return {"target": self.target, "alpha": self.alpha, "pattern": pattern, "seed": self.seed,
+                "all_to_all": self.all_to_all}
 
     def pattern_for(self, c: int, h: int, w: int, dtype=torch.float32, device=None) -> torch.Tensor:
         if self._image is None:
@@ -148,11 +202,12 @@ class SIG(BackdoorAttack):
     clean_label = True
 
     def __init__(self, target: int = 0, delta: float = 40 / 255, frequency: float = 6.0):
-        super().__init__(target, all_to_all=False)
+        _check_target(target, False)
+        super().__init__(int(target), all_to_all=False)
         self.delta = _check_unit(delta, "delta")
-        if not frequency > 0:
+        self.frequency = _number(frequency, "frequency")
+        if not self.frequency > 0:
             raise InputError(f"frequency must be > 0, got {frequency!r}")
-        self.frequency = float(frequency)
 
     def signal(self, w: int, dtype=torch.float32, device=None) -> torch.Tensor:
         j = torch.arange(w, dtype=torch.float64)
@@ -172,21 +227,29 @@ class WaNet(BackdoorAttack):
         k: control-grid size of the random field (4).
         cross_ratio: with ``noise_mode``, ``cross_ratio`` times as many extra training samples get a
             randomly perturbed warp and keep their label (2).
-        noise_mode: add those "noise" samples so the model learns the exact warp only.
-        seed: seed of the warp field (and of the noise warps).
+        noise_mode: add those "noise" samples so the model learns the exact warp only
+            (:meth:`extra_samples` / :meth:`apply_extra`, used by ``PoisonedDataset``).
+        grid_rescale: factor on the sampling grid, in (0, 2] (BackdoorBench 1; below 1 crops, above 1
+            smears the border).
+        seed: seed of the warp field.
     """
 
     def __init__(self, target: int = 0, s: float = 0.5, k: int = 4, cross_ratio: float = 2.0,
                  noise_mode: bool = True, grid_rescale: float = 1.0, seed: int = 0, all_to_all: bool = False):
-        super().__init__(target, all_to_all)
-        if not isinstance(k, int) or k < 2:
-            raise InputError(f"k must be an integer >= 2, got {k!r}")
-        if not s > 0:
+        _check_target(target, all_to_all)
+        super().__init__(int(target), all_to_all)
+        self.k = _check_int(k, "k", 2)
+        self.s = _number(s, "s")
+        if not self.s > 0:
             raise InputError(f"s must be > 0, got {s!r}")
-        if cross_ratio < 0:
+        self.cross_ratio = _number(cross_ratio, "cross_ratio")
+        if self.cross_ratio < 0:
             raise InputError(f"cross_ratio must be >= 0, got {cross_ratio!r}")
-        self.s, self.k, self.cross_ratio, self.noise_mode = float(s), k, float(cross_ratio), bool(noise_mode)
-        self.grid_rescale, self.seed = float(grid_rescale), seed
+        self.noise_mode = _check_bool(noise_mode, "noise_mode")
+        self.grid_rescale = _number(grid_rescale, "grid_rescale")
+        if not 0 < self.grid_rescale <= 2:
+            raise InputError(f"grid_rescale must be in (0, 2], got {grid_rescale!r}")
+        self.seed = _check_int(seed, "seed", 0)
 
     def _field(self) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed)
@@ -209,6 +272,16 @@ class WaNet(BackdoorAttack):
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         check_images(x, "x")
         return self._warp(x, self.grid(x.shape[2], x.shape[3], x.device, x.dtype))
+
+    def extra_samples(self, n_poisoned: int) -> int:
+        """Noise mode: ``round(cross_ratio * n_poisoned)`` label-kept samples get a perturbed warp."""
+        if not self.noise_mode or self.cross_ratio <= 0 or n_poisoned <= 0:
+            return 0
+        return int(round(self.cross_ratio * n_poisoned))
+
+    def apply_extra(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The noise-mode warp of the extra samples (see :meth:`apply_noise`)."""
+        return self.apply_noise(x, generator)
 
     def apply_noise(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """The noise-mode warp: the trigger grid plus a random per-sample perturbation (label kept)."""

@@ -5,7 +5,7 @@ importing this package registers ``digits``, ``cifar10``, ``image_folder`` and `
 in :data:`robustkit.registry.DATASETS`. Poisoned datasets live in :mod:`robustkit.backdoor`.
 """
 
-from .arrays import ArrayDataset, DataBundle, bundle_from_arrays, stratified_split, to_tensors
+from .arrays import ArrayDataset, DataBundle, bundle_from_arrays, declared_num_classes, stratified_split, to_tensors
 from .cifar10 import cifar10
 from .digits import digits, load_digit_images
 from .folder import image_folder
@@ -16,6 +16,7 @@ __all__ = [
     "ArrayDataset",
     "DataBundle",
     "bundle_from_arrays",
+    "declared_num_classes",
     "stratified_split",
     "to_tensors",
     "digits",

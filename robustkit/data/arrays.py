@@ -57,6 +57,8 @@ class ArrayDataset(Dataset):
             if len(classes) < n_cls:
                 raise InputError(f"labels go up to {n_cls - 1} but only {len(classes)} class names were given")
         self.classes: list[str] = list(classes) if classes is not None else [str(i) for i in range(n_cls)]
+        # False when the class list was inferred from max(label) + 1 (see declared_num_classes)
+        self.classes_declared: bool = classes is not None
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -81,7 +83,9 @@ class ArrayDataset(Dataset):
         idx = _as_index(indices, len(self))
         if idx.numel() == 0:
             raise InputError("subset() needs at least one index (an ArrayDataset cannot be empty)")
-        return ArrayDataset(self.images[idx], self.labels[idx], self.classes)
+        out = ArrayDataset(self.images[idx], self.labels[idx], self.classes)
+        out.classes_declared = self.classes_declared
+        return out
 
     def __repr__(self) -> str:
         return f"ArrayDataset(n={len(self)}, shape={tuple(self.images.shape[1:])}, classes={self.num_classes})"
@@ -110,6 +114,37 @@ class DataBundle:
     def __repr__(self) -> str:
         return (f"DataBundle({self.name!r}: {len(self.train)} train / {len(self.test)} test, "  # type: ignore[arg-type]
                 f"{self.channels}x{self.image_size[0]}x{self.image_size[1]}, {self.num_classes} classes)")
+
+
+def declared_num_classes(dataset: Dataset) -> int | None:
+    """The class count a dataset declares (through ``Subset`` s), or ``None`` if it declares none.
+
+    An :class:`ArrayDataset` declares its ``classes`` when they were given (every dataset
+    factory and :func:`bundle_from_arrays` give them); other datasets declare an integer
+    ``num_classes`` or a ``classes`` list. A count inferred from ``max(label) + 1`` is not a
+    declaration: a test set missing the last classes would understate it.
+    """
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    if isinstance(dataset, ArrayDataset):
+        return dataset.num_classes if dataset.classes_declared else None
+    k = getattr(dataset, "num_classes", None)
+    if isinstance(k, numbers.Integral) and not isinstance(k, bool) and k >= 1:
+        return int(k)
+    classes = getattr(dataset, "classes", None)
+    if isinstance(classes, (list, tuple)) and classes:
+        return len(classes)
+    return None
+
+
+def declared_classes(dataset: Dataset) -> list[str] | None:
+    """The class names a dataset declares (through ``Subset`` s), or ``None`` (see :func:`declared_num_classes`)."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    if isinstance(dataset, ArrayDataset):
+        return list(dataset.classes) if dataset.classes_declared else None
+    classes = getattr(dataset, "classes", None)
+    return [str(c) for c in classes] if isinstance(classes, (list, tuple)) and classes else None
 
 
 def _resolve_array_subset(dataset: Dataset) -> tuple[ArrayDataset, torch.Tensor | None] | None:
@@ -218,6 +253,7 @@ def bundle_from_arrays(
     if classes is None:
         n_cls = max(train.num_classes, test.num_classes)
         train.classes = test.classes = [str(i) for i in range(n_cls)]
+        train.classes_declared = test.classes_declared = True  # the bundle's class count covers both splits
     if train.images.shape[1:] != test.images.shape[1:]:
         raise InputError(f"train images {tuple(train.images.shape[1:])} and test images {tuple(test.images.shape[1:])} differ in shape")
     return DataBundle(train, test, train.num_classes, train.channels, train.image_size, list(train.classes), name)

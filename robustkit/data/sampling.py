@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import InputError
-from .arrays import ArrayDataset, to_tensors
+from .arrays import ArrayDataset, declared_classes, to_tensors
 
 
 def class_balanced_subset(dataset: Dataset, ratio: float, seed: int = 0) -> ArrayDataset:
@@ -21,7 +21,7 @@ def class_balanced_subset(dataset: Dataset, ratio: float, seed: int = 0) -> Arra
     if x.shape[0] == 0:
         raise InputError("the clean data set is empty")
     if ratio >= 1:
-        return ArrayDataset(x, y, getattr(dataset, "classes", None))
+        return ArrayDataset(x, y, declared_classes(dataset))
     rng = np.random.default_rng(seed)
     keep: list[np.ndarray] = []
     labels = y.numpy()
@@ -30,4 +30,4 @@ def class_balanced_subset(dataset: Dataset, ratio: float, seed: int = 0) -> Arra
         k = max(1, int(round(ratio * len(idx))))
         keep.append(rng.choice(idx, size=k, replace=False))
     chosen = torch.as_tensor(np.sort(np.concatenate(keep)), dtype=torch.long)
-    return ArrayDataset(x[chosen], y[chosen], getattr(dataset, "classes", None))
+    return ArrayDataset(x[chosen], y[chosen], declared_classes(dataset))
