@@ -432,6 +432,34 @@ def test_npz_uint8_channels_last_exact_and_split(tmp_path):
     assert not torch.equal(to_tensors(b2.test)[0], to_tensors(b.test)[0])
 
 
+def test_npz_with_x_y_is_used_as_given(tmp_path):
+    """Issue #12: an npz with x, y was silently split 80/20 (203 of 1,017 images, in another order)."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(1017, 4, 4), dtype=np.uint8)
+    y = rng.integers(0, 10, size=1017)
+    np.savez(tmp_path / "all.npz", x=x, y=y)
+    b = load_npz(tmp_path / "all.npz")
+    xt, yt = to_tensors(b.test)
+    assert len(b.test) == 1017 and yt.tolist() == y.tolist()  # every image, in file order
+    assert torch.equal(xt, torch.from_numpy(x).float().unsqueeze(1) / 255)
+    assert torch.equal(to_tensors(b.test, max_samples=5)[1], torch.from_numpy(y[:5]))  # n_samples: the file's first n
+    assert b.train is b.test and b.test_is_train and b.num_classes == 10
+    assert not b.with_train(b.train.subset(range(10))).test_is_train
+    built = robustkit.DATASETS.build({"name": "npz", "path": str(tmp_path / "all.npz")})
+    assert len(built.test) == 1017
+    # a split only when asked for: stratified, shuffled order, disjoint, covering the file
+    s = load_npz(tmp_path / "all.npz", test_fraction=0.2)
+    assert not s.test_is_train and len(s.train) + len(s.test) == 1017
+    tr, te = stratified_split(y, 0.2, seed=0)
+    assert to_tensors(s.test)[1].tolist() == y[te].tolist() and not np.all(np.diff(te) > 0)  # shuffled, as documented
+    assert sorted(np.concatenate([tr, te]).tolist()) == list(range(1017))
+    with pytest.raises(ConfigError, match="test_fraction must be None"):
+        load_npz(tmp_path / "all.npz", test_fraction=1.5)
+    np.savez(tmp_path / "split.npz", x_train=x[:4], y_train=y[:4], x_test=x[4:8], y_test=y[4:8])
+    with pytest.raises(ConfigError, match="already holds train and test splits"):
+        load_npz(tmp_path / "split.npz", test_fraction=0.2)
+
+
 def test_npz_float_nchw_train_test_keys(tmp_path):
     x = np.random.default_rng(1).random((6, 1, 4, 4)).astype(np.float32)
     np.savez(tmp_path / "b.npz", x_train=x[:4], y_train=[0, 1, 0, 1], x_test=x[4:], y_test=[1, 0])
@@ -483,7 +511,7 @@ def test_save_npz_atomic_and_reloadable(tmp_path):
     # like np.savez, a name without .npz gets it; load_npz finds it under either name
     q = save_npz(tmp_path / "plain", x, y)
     assert q == tmp_path / "plain.npz" and q.is_file() and not (tmp_path / "plain").exists()
-    assert len(load_npz(tmp_path / "plain").train) == 8
+    assert len(load_npz(tmp_path / "plain").train) == 10
     # numpy input in channels-last uint8 is stored channels-first
     save_npz(tmp_path / "hwc.npz", (x.permute(0, 2, 3, 1) * 255).round().numpy().astype(np.uint8), y.numpy())
     with np.load(tmp_path / "hwc.npz") as f:

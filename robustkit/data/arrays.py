@@ -107,6 +107,12 @@ class DataBundle:
         self.image_size = (int(self.image_size[0]), int(self.image_size[1]))
         self.classes = [str(c) for c in self.classes]
 
+    @property
+    def test_is_train(self) -> bool:
+        """True when the test split is the training split itself (an ``.npz`` of ``x, y`` used as given):
+        accuracy measured on it after training on it is not held-out accuracy."""
+        return self.test is self.train
+
     def with_train(self, train: Dataset) -> "DataBundle":
         """The same bundle with another training split (poisoned, filtered, ...)."""
         return dataclasses.replace(self, train=train)
@@ -211,7 +217,10 @@ def stratified_split(labels: IndexLike, test_fraction: float, seed: int = 0) -> 
 
     ``round(test_fraction * n_c)`` samples of each class ``c`` (at least one and at most
     ``n_c - 1`` when ``n_c > 1``) go to test. The same labels and seed always give the same
-    split; both index arrays are shuffled so that any prefix is class-mixed.
+    split. Both returned index arrays are in a *shuffled* order (not file order): each split's
+    indices are pooled, sorted (so the order does not depend on how the classes were
+    visited), then permuted once with the same seeded generator, so that any prefix (an
+    evaluation's ``n_samples``) is class-mixed. Use the indices' sorted copy for file order.
     """
     if isinstance(test_fraction, bool) or not isinstance(test_fraction, numbers.Real) or not 0 < test_fraction < 1:
         raise InputError(f"test_fraction must be a number in (0, 1), got {test_fraction!r}")
@@ -239,7 +248,7 @@ def stratified_split(labels: IndexLike, test_fraction: float, seed: int = 0) -> 
             f"test_fraction={test_fraction} of {len(y)} samples leaves the {'train' if len(tr) == 0 else 'test'} split "
             "empty; use more samples per class or another test_fraction"
         )
-    # shuffle once so that the first n test samples are class-mixed (evaluate's n_samples)
+    # the documented order: shuffled once, so that the first n test samples are class-mixed (evaluate's n_samples)
     return rng.permutation(tr), rng.permutation(te)
 
 

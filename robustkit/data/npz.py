@@ -1,12 +1,16 @@
 """Image arrays in ``.npz`` files (read, and atomic write).
 
-Keys: ``x_train, y_train, x_test, y_test``, or ``x, y`` (then split stratified), plus an
-optional ``classes`` array of names. Images may be uint8 (0..255) or float ([0, 1]),
+Keys: ``x_train, y_train, x_test, y_test``, or ``x, y``, plus an optional ``classes`` array of
+names. A file with ``x, y`` only is used as given: its images, all of them and in file order,
+are both the train and the test split (``bundle.train is bundle.test``, see
+:attr:`~robustkit.data.DataBundle.test_is_train`), unless ``test_fraction`` asks for a
+stratified split. Images may be uint8 (0..255) or float ([0, 1]),
 channels-first (N x C x H x W), channels-last (N x H x W x C) or grayscale N x H x W.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import zipfile
 from pathlib import Path
 from typing import Any, Sequence
@@ -14,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..errors import DataNotFoundError, InputError
+from ..errors import ConfigError, DataNotFoundError, InputError
 from ..io import atomic_path
 from ..registry import DATASETS
 from ..validation import RANGE_TOLERANCE, check_images, check_labels
@@ -100,9 +104,23 @@ def _resolve(path: str | Path) -> Path:
     return p
 
 
-def load_npz(path: str | Path, test_fraction: float = 0.2, seed: int = 0) -> DataBundle:
-    """Read ``x_train, y_train, x_test, y_test`` (or ``x, y`` split stratified) and optional ``classes``."""
+def load_npz(path: str | Path, test_fraction: float | None = None, seed: int = 0) -> DataBundle:
+    """Read ``x_train, y_train, x_test, y_test`` (or ``x, y``) and optional ``classes``.
+
+    A file with ``x, y`` only is evaluated as given: with ``test_fraction=None`` (the
+    default) train and test are the same dataset, every image in file order (so an evaluation
+    with ``n_samples`` takes the file's first n images). Training on such a bundle has no
+    held-out data (:attr:`DataBundle.test_is_train` is True). ``test_fraction`` in (0, 1)
+    splits it instead: per class, stratified, drawn with ``seed``, each split in a shuffled
+    order (:func:`~robustkit.data.stratified_split`). A file that already holds train and
+    test splits refuses ``test_fraction`` (:class:`ConfigError`) rather than ignore it.
+    """
     p = _resolve(path)
+    if test_fraction is not None and (
+        isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1
+    ):
+        raise ConfigError(f"test_fraction must be None (use the file as given) or a number in (0, 1), got {test_fraction!r}",
+                          "test_fraction")
     if not p.is_file():
         raise DataNotFoundError(f"npz file not found: {p}")
     errors = (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError)
@@ -134,16 +152,21 @@ def load_npz(path: str | Path, test_fraction: float = 0.2, seed: int = 0) -> Dat
         tensors.append((xt, _labels_to_tensor(arrays[yk], xt.shape[0], yk, where)))
     if len(tensors) == 1:
         x, y = tensors[0]
+        if test_fraction is None:  # the file as given: one dataset serves as train and test
+            bundle = bundle_from_arrays(p.stem, x, y, x, y, classes)
+            return dataclasses.replace(bundle, train=bundle.test)
         tr, te = stratified_split(y.numpy(), test_fraction, seed)
         tr_t, te_t = torch.from_numpy(tr), torch.from_numpy(te)
         return bundle_from_arrays(p.stem, x[tr_t], y[tr_t], x[te_t], y[te_t], classes)
+    if test_fraction is not None:
+        raise ConfigError(f"{p} already holds train and test splits (x_train, x_test); drop test_fraction", "test_fraction")
     (x_tr, y_tr), (x_te, y_te) = tensors
     return bundle_from_arrays(p.stem, x_tr, y_tr, x_te, y_te, classes)
 
 
 @DATASETS.register("npz")
-def npz(path: str, test_fraction: float = 0.2, seed: int = 0) -> DataBundle:
-    """Images from an .npz file (keys x_train/y_train/x_test/y_test, or x/y plus a stratified split)."""
+def npz(path: str, test_fraction: float | None = None, seed: int = 0) -> DataBundle:
+    """Images from an .npz file (keys x_train/y_train/x_test/y_test, or x/y used as given unless test_fraction splits it)."""
     return load_npz(path, test_fraction, seed)
 
 
