@@ -1,13 +1,16 @@
 """Atomic file writers: write to a temporary file beside the target, then rename.
 
 A crash mid-write never leaves a truncated report or checkpoint behind, and an
-existing file is only replaced once the new one is complete.
+existing file is only replaced once the new one is complete. The file gets the permissions
+a plain ``open(path, "w")`` would give it: an existing file's mode is kept, a new file gets
+``0o666`` minus the process umask (usually ``0o644``), not ``mkstemp``'s private ``0o600``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,11 +28,37 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     os.close(fd)
     tmp_path = Path(tmp)
     try:
+        os.chmod(tmp_path, _mode_for(target))
+    except OSError:  # pragma: no cover - e.g. a file system without permissions
+        pass
+    try:
         yield tmp_path
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def current_umask() -> int:
+    """The process umask (read from /proc where possible: ``os.umask`` can only be read by setting it)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _mode_for(target: Path) -> int:
+    """The mode ``open(target, "w")`` would leave: the existing file's, else 0o666 minus the umask."""
+    try:
+        return stat.S_IMODE(target.stat().st_mode)
+    except OSError:
+        return 0o666 & ~current_umask()
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -36,3 +36,34 @@ def test_unserializable_json_keeps_old(tmp_path):
 def test_atomic_torch_save(tmp_path):
     atomic_torch_save({"w": torch.ones(2)}, tmp_path / "m.pt")
     assert torch.equal(torch.load(tmp_path / "m.pt")["w"], torch.ones(2))
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "umask") or __import__("sys").platform == "win32",
+                    reason="POSIX permissions")
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_written_files_get_the_umask_mode_not_0600(tmp_path, umask):
+    """Issue #12: every report and model.pt was written with mode 0600 (mkstemp)."""
+    import os
+    import stat
+
+    from robustkit.data import save_npz
+    from robustkit.io import current_umask
+
+    old = os.umask(umask)
+    try:
+        assert current_umask() == umask
+        expected = 0o666 & ~umask
+        written = [
+            atomic_write_text(tmp_path / "report.md", "# r"),
+            atomic_write_json(tmp_path / "results.json", {"a": 1}),
+            atomic_torch_save({"w": torch.zeros(1)}, tmp_path / "model.pt"),
+            save_npz(tmp_path / "d.npz", torch.zeros(2, 1, 2, 2), torch.tensor([0, 1])),
+        ]
+        for p in written:
+            assert stat.S_IMODE(p.stat().st_mode) == expected, p.name
+        # replacing an existing file keeps that file's own mode, as open(path, "w") would
+        os.chmod(tmp_path / "report.md", 0o640)
+        atomic_write_text(tmp_path / "report.md", "# again")
+        assert stat.S_IMODE((tmp_path / "report.md").stat().st_mode) == 0o640
+    finally:
+        os.umask(old)
