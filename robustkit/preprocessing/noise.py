@@ -56,6 +56,7 @@ class GaussianNoise(Preprocessor):
         self.clip = clip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_images(x, "x")  # before x.device is read: a list or array must get an InputError too
         return gaussian_noise(x, self.sigma, self.generator(x.device), self.clip)
 
     def extra_repr(self) -> str:
