@@ -200,19 +200,24 @@ def evaluate_defenses(
                      "all_draws": res.clean_all_draws, "draws": res.draws, "adaptive": "-", "gradient": "-",
                      "seconds": res.seconds, "family": "clean", "kind": "clean", "settings": {}})
         done: set[str] = set()
+        done_settings: list[dict[str, Any]] = []
         results: list[tuple[dict[str, Any], Any]] = []
         for i, a in enumerate(attack_specs):
             for radius in radii:
                 attack = a.build(radius, f"attacks[{i}]")
-                if not defended.randomized and attack.eot_samples > 1:
+                dropped_eot = not defended.randomized and attack.eot_samples > 1
+                if dropped_eot:
                     # a deterministic model gives the same gradient on every EOT pass: one is enough
                     attack = attack.with_options(eot_samples=1)
                 name = a.name(attack, radius is not None)
-                if name in done:
+                if name in done and dropped_eot and attack.describe() in done_settings:
                     notes.append(f"'{d.label}': '{name}' ran once; the same attack with EOT adds nothing on a "
                                  "deterministic defense")
                     continue
+                if name in done:
+                    name = f"{name} #{sum(1 for n in done if n == name or n.startswith(name + ' #')) + 1}"
                 done.add(name)
+                done_settings.append(attack.describe())
                 res = robust_accuracy(defended, attack, x, y, desc=f"{d.label} / {name}", **run)
                 adaptive = (not defended.randomized) or attack.eot_samples > 1
                 row = {"defense": d.label, "attack": name, "norm": attack.norm, "eps": attack.eps,
