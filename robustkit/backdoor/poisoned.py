@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..base import BackdoorAttack
 from ..errors import DataNotFoundError, InputError
 from ..io import atomic_path, atomic_write_json
 from ..data.arrays import ArrayDataset, declared_classes, declared_num_classes, to_tensors
@@ -102,6 +103,8 @@ class PoisonedDataset(Dataset):
             raise InputError(f"poisoning rate must be in [0, 1], got {rate!r}")
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
             raise InputError(f"seed must be an integer >= 0, got {seed!r}")
+        if not isinstance(attack, BackdoorAttack):
+            raise InputError(f"attack must be a BackdoorAttack (e.g. BadNets()), got {type(attack).__name__}")
         x, y = to_tensors(dataset)
         n = x.shape[0]
         k = resolve_num_classes(dataset, y, attack, num_classes, "poisoning")
@@ -135,7 +138,9 @@ class PoisonedDataset(Dataset):
                 labels[idx] = attack.target_labels(y[idx], k)
         # extra label-kept samples (WaNet's noise mode), disjoint from the poisoned ones
         self.noise_indices: list[int] = []
-        n_extra = int(attack.extra_samples(n_poison)) if n_poison else 0
+        n_extra = attack.extra_samples(n_poison) if n_poison else 0
+        if isinstance(n_extra, bool) or not isinstance(n_extra, numbers.Integral) or n_extra < 0:
+            raise InputError(f"{type(attack).__name__}.extra_samples() must return an integer >= 0, got {n_extra!r}")
         if n_extra > 0:
             rest = np.setdiff1d(np.arange(n), chosen)
             n_extra = min(len(rest), n_extra)
