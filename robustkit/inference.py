@@ -83,7 +83,7 @@ def accuracy(model: nn.Module, data: Dataset | tuple[torch.Tensor, torch.Tensor]
                     f"the data has class index {int(yb.max())} but the model outputs only {logits.shape[1]} classes "
                     "(a checkpoint trained on another data set?)"
                 )
-            correct += int((logits.argmax(1).cpu() == yb).sum())
+            correct += int((logits.argmax(1).cpu() == yb.cpu()).sum())
             total += int(yb.numel())
     if total == 0:
         raise InputError("data is empty: accuracy of zero samples is undefined")
