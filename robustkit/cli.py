@@ -36,7 +36,14 @@ def demo_config_path() -> Path:
     return Path(str(resources.files("robustkit") / "configs" / "demo.yaml"))
 
 
+def _add_import_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="import a plug-in module (dotted name or .py file) first, so its registered names "
+                        "can be used; repeatable (a config can also list them under 'imports:')")
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
+    _add_import_option(p)
     p.add_argument("--out", "-o", help="output folder (default: the config's output_dir, else runs/<name>)")
     p.add_argument("--device", help="override the config's device: auto, cpu, cuda, cuda:N")
     p.add_argument("--seed", type=int, help="override the config's seed")
@@ -55,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"robustkit {__version__}")
+    parser.add_argument("--import", dest="imports_top", action="append", default=[], metavar="MODULE",
+                        help="import a plug-in module (dotted name or .py file) that registers models, "
+                             "preprocessors, attacks, triggers, filters or repairs; repeatable")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = sub.add_parser("demo", help="run the built-in end-to-end demo on offline data", description=DEMO_HELP,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -97,9 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a filter parameter (YAML value), e.g. --param separation=1.5; repeatable")
     flt.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     flt.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_import_option(flt)
     lst = sub.add_parser("list", help="list registered components and their parameters",
                          description="List what can be named in a config: datasets, models, preprocessors, attacks, steps, ...")
-    lst.add_argument("kind", nargs="?", help="one registry: " + ", ".join(_registry_names()))
+    lst.add_argument("kind", nargs="*", help="registries to show (default all): " + ", ".join(_registry_names()))
+    _add_import_option(lst)
     return parser
 
 
@@ -190,14 +202,15 @@ def _filter(args: argparse.Namespace) -> int:
     return 0
 
 
-def _list(kind: str | None) -> int:
+def _list(kind: Sequence[str] | str | None) -> int:
     from .registry import REGISTRIES
 
-    kinds = [kind] if kind else list(REGISTRIES)
+    kinds = [kind] if isinstance(kind, str) else list(kind or REGISTRIES)
+    unknown = [k for k in kinds if k not in REGISTRIES]
+    if unknown:
+        print(f"unknown kind(s) {', '.join(map(repr, unknown))}; choose from {', '.join(REGISTRIES)}", file=sys.stderr)
+        return 2
     for k in kinds:
-        if k not in REGISTRIES:
-            print(f"unknown kind {k!r}; choose from {', '.join(REGISTRIES)}", file=sys.stderr)
-            return 2
         reg = REGISTRIES[k]
         print(f"{k}:")
         for name in reg.names():
@@ -223,6 +236,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .errors import RobustkitError
 
     try:
+        from .pipeline import import_plugins
+
+        import_plugins([*args.imports_top, *getattr(args, "imports", [])], "--import")
         if args.command == "demo":
             return _run(demo_config_path(), args, QUICK_OVERRIDES if args.quick else ())
         if args.command == "run":

@@ -23,6 +23,9 @@ from __future__ import annotations
 
 import copy
 import difflib
+import importlib
+import importlib.util
+import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -61,9 +64,6 @@ def import_plugins(modules: Any, path: str = "imports") -> list[str]:
             raise ConfigError(f"expected a module name such as my_pkg.plugins or a .py file, got {mod!r}", where)
         try:
             if mod.endswith(".py"):
-                import importlib.util
-                import sys
-
                 file = Path(mod).resolve()
                 if not file.is_file():
                     raise ConfigError(f"plug-in file not found: {file}", where)
@@ -114,7 +114,11 @@ def apply_overrides(cfg: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.path=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"value {raw!r} is not valid YAML ({str(exc).splitlines()[0]}); quote strings "
+                              "that contain ':' or braces", key.strip()) from None
         parts = key.strip().split(".")
         node: Any = cfg
         for i, part in enumerate(parts):
