@@ -43,6 +43,22 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.T
 
 
 @torch.no_grad()
+def output_classes(model: nn.Module, x: torch.Tensor) -> int:
+    """How many classes ``model`` outputs: one eval-mode forward of the first image of ``x``.
+
+    Use with :func:`~robustkit.validation.check_num_classes` before scoring a checkpoint on a
+    data set (every module's mode is restored; nothing is trained).
+    """
+    check_images(x, "x")
+    with eval_mode(model):
+        logits = model(x[:1].to(model_device(model)))
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise InputError(f"the model must return N x num_classes logits, got {shape}")
+    return int(logits.shape[1])
+
+
+@torch.no_grad()
 def accuracy(model: nn.Module, data: Dataset | tuple[torch.Tensor, torch.Tensor], batch_size: int = 256) -> float:
     """Top-1 accuracy on a dataset of (image, label) pairs or an ``(x, y)`` tensor pair.
 

@@ -430,3 +430,24 @@ def test_trigger_parameters_validated(make, match):
     """WaNet(grid_rescale=nan) returned a constant image."""
     with pytest.raises(InputError, match=match):
         make()
+
+
+def test_version1_folder_with_class_name_folders_still_loads(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "v1"
+    files = []
+    for i, name in enumerate(["cat", "dog", "cat"]):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((2, 2), 17 * i, dtype=np.uint8)).save(root / name / f"{i:06d}.png")
+        files.append(f"{name}/{i:06d}.png")
+    manifest = {"format": "robustkit.poisoned", "version": 1, "attack": "badnets", "attack_params": {"size": 3},
+                "classes": ["cat", "dog"], "num_samples": 3, "poisoned_indices": [1], "files": files}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    back = load_poisoned(root)
+    assert back.labels.tolist() == [0, 1, 0] and back.poisoned_indices == [1]
+    with pytest.raises(InputError, match="version 1 does not record"):
+        back.attack()
+    (root / "manifest.json").write_text("{not json")
+    with pytest.raises(InputError, match="not a valid JSON manifest"):
+        load_poisoned(root)

@@ -168,6 +168,24 @@ def test_accuracy_and_predict_contract(x, seed, batch_size):
     assert torch.equal(x, xb) and torch.equal(y, yb)
 
 
+@cfg(10)
+@given(x=image_batches(min_side=4, max_side=6, channels=(3,)), seed=st.integers(0, 1000),
+       eps=st.sampled_from([0.0, 2 / 255, 8 / 255]))
+def test_robust_accuracy_bounded_by_clean_accuracy(x, seed, eps):
+    from robustkit.eval import robust_accuracy
+
+    x = x.float()
+    model = tiny_model(3, seed=seed)
+    y = torch.arange(x.shape[0]) % 3
+    xb, yb = x.clone(), y.clone()
+    attack = PGD(eps=eps, steps=2, alpha=eps / 4 if eps else None, seed=seed)
+    r = robust_accuracy(model, attack, x, y, progress=False, seed=seed)
+    assert 0.0 <= r.robust_accuracy <= r.clean_accuracy <= 1.0
+    assert r.clean_accuracy == pytest.approx(accuracy(model, (x, y)), abs=1e-6)  # a float32 mean vs a fraction
+    assert r.robust_accuracy == robust_accuracy(model, attack, x, y, progress=False, seed=seed).robust_accuracy
+    assert torch.equal(x, xb) and torch.equal(y, yb)
+
+
 @cfg(40)
 @given(vals=st.lists(st.floats(0, 1, allow_nan=False), min_size=4, max_size=4))
 def test_der_is_a_rating_in_unit_interval(vals):

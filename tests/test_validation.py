@@ -157,3 +157,17 @@ def test_accuracy_validates_its_data():
         accuracy(m, ArrayDataset(x, torch.tensor([0, 1, 2, 9, 1, 2])))
     with pytest.raises(InputError, match="batch_size"):
         accuracy(m, ds, batch_size=0)
+
+
+def test_output_classes_feeds_check_num_classes():
+    from robustkit.inference import output_classes
+    from robustkit.validation import check_num_classes
+
+    m = torch.nn.Sequential(_Linear(3), torch.nn.BatchNorm1d(3)).train()
+    x = torch.rand(4, 1, 2, 2)
+    assert output_classes(m, x) == 3
+    assert m.training and m[1].training and int(m[1].num_batches_tracked) == 0  # modes restored, nothing updated
+    with pytest.raises(InputError, match="ckpt.pt outputs 3 classes but digits has 10 classes"):
+        check_num_classes(output_classes(m, x), 10, model="ckpt.pt", data="digits")
+    with pytest.raises(InputError, match=r"\[0, 1\]"):
+        output_classes(m, x * 255)
