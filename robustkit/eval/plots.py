@@ -45,20 +45,30 @@ def accuracy_bars(rows: list[dict[str, Any]], path: str | Path, title: str = "Cl
 
 
 def training_curves(history: list[dict[str, Any]], path: str | Path, title: str = "Training") -> Path:
-    """Loss and accuracy per epoch."""
-    epochs = [h["epoch"] for h in history]
-    fig, ax1 = plt.subplots(figsize=(5, 3.2))
-    ax1.plot(epochs, [h["loss"] for h in history], "o-", color="tab:red", label="loss")
+    """Loss and accuracy per epoch: train / test accuracy, ASR after poisoning, and the
+    adversarial-training monitor's clean and PGD accuracy (``clean_acc``, ``pgd_acc``, which
+    include an ``epoch 0`` point measured before training). Rows may lack keys; each curve
+    uses the rows that have its key.
+    """
+    def series(key: str, scale: float = 1.0) -> tuple[list[Any], list[float]]:
+        pts = [(h["epoch"], scale * float(h[key])) for h in history if key in h and h[key] is not None]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    fig, ax1 = plt.subplots(figsize=(5.5, 3.4))
+    ax1.plot(*series("loss"), "o-", color="tab:red", label="loss")
     ax1.set_xlabel("epoch")
     ax1.set_ylabel("loss", color="tab:red")
     ax2 = ax1.twinx()
-    ax2.plot(epochs, [100 * h["train_acc"] for h in history], "s-", color="tab:blue", label="train acc")
-    if "val_acc" in history[0]:
-        ax2.plot(epochs, [100 * h["val_acc"] for h in history], "^-", color="tab:green", label="test acc")
-    if "asr" in history[0]:
-        ax2.plot(epochs, [100 * h["asr"] for h in history], "x--", color="tab:purple", label="ASR")
+    curves = (("train_acc", "s-", "tab:blue", "train acc"), ("val_acc", "^-", "tab:green", "test acc"),
+              ("asr", "x--", "tab:purple", "ASR"), ("clean_acc", "D-", "tab:olive", "clean acc (monitor)"),
+              ("pgd_acc", "v-", "tab:orange", "PGD acc (monitor)"))
+    for key, style, color, label in curves:
+        xs, ys = series(key, 100.0)
+        if xs:
+            ax2.plot(xs, ys, style, color=color, label=label)
     ax2.set_ylabel("accuracy (%)")
-    ax2.legend(fontsize=8, loc="center right")
+    ax2.set_ylim(-3, 103)
+    ax2.legend(fontsize=7, loc="center right")
     ax1.set_title(title)
     return save_figure(fig, path)
 

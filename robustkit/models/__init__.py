@@ -1,12 +1,13 @@
 """Models taking [0, 1] images with their normalization inside; importing registers them.
 
 Registered names (:data:`robustkit.registry.MODELS`): ``small_cnn``, ``preact_resnet18``,
-``small_vit``, ``torchvision``.
+``resnet18_cifar``, ``small_vit``, ``torchvision``.
 """
 
-from .checkpoints import load_checkpoint, read_checkpoint, save_checkpoint, torchvision_model
+from .checkpoints import load_checkpoint, load_weights, read_checkpoint, save_checkpoint, torchvision_model
 from .normalization import Normalize
 from .preact_resnet import PreActBlock, PreActResNet18
+from .resnet_cifar import ResNetCIFAR, resnet18_cifar
 from .small_cnn import SmallCNN
 from .introspect import attention_layers, count_parameters, find_skip_connections, get_classifier, scale_skips
 from .vit import Attention, SmallViT
@@ -16,6 +17,9 @@ __all__ = [
     "SmallCNN",
     "PreActResNet18",
     "PreActBlock",
+    "ResNetCIFAR",
+    "resnet18_cifar",
+    "load_weights",
     "SmallViT",
     "Attention",
     "save_checkpoint",

@@ -229,3 +229,128 @@ def _load_torchvision_weights(net: nn.Module, wp: Path, name: str) -> None:
         msg = " ".join(str(exc).split())
         raise InputError(f"{wp} does not fit torchvision {name!r}: {msg[:500]}") from None
 
+
+
+# --------------------------------------------------------------------------- bare state dicts
+MODEL_LOAD_KEYS = {
+    "checkpoint": "path of the weights: a bare state dict (torch.save(model.state_dict())) or a robustkit checkpoint",
+    "strict": "require every parameter to match (default true); false loads what fits and lists the rest",
+}
+
+
+def _unwrap_state(blob: Any, p: Path) -> dict[str, torch.Tensor]:
+    """The state dict inside a loaded file: bare, a robustkit checkpoint, or under ``state_dict`` / ``model``."""
+    if isinstance(blob, dict) and set(CHECKPOINT_KEYS) <= set(blob) and isinstance(blob.get("state_dict"), dict):
+        blob = blob["state_dict"]
+    elif isinstance(blob, dict):
+        for key in ("state_dict", "model", "model_state_dict"):
+            if isinstance(blob.get(key), dict):
+                blob = blob[key]
+                break
+    if not isinstance(blob, dict) or not blob or not all(isinstance(v, torch.Tensor) for v in blob.values()):
+        kind = f"a dict with keys {sorted(map(str, blob))[:8]}" if isinstance(blob, dict) else f"a {type(blob).__name__}"
+        raise InputError(f"{p} does not hold a state dict (name -> tensor): found {kind}")
+    state = {str(k): v for k, v in blob.items()}
+    for prefix in ("module.", "_orig_mod."):  # DataParallel / DDP, torch.compile
+        if all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def _classifier_hint(model: nn.Module, state: Mapping[str, torch.Tensor], shapes: list[str]) -> str:
+    """' - the checkpoint has K classes, the model N' when the mismatch is the output layer."""
+    from .introspect import get_classifier
+
+    try:
+        head = get_classifier(model)
+    except Exception:
+        return ""
+    name = next((n for n, m in model.named_modules() if m is head), None)
+    if name is None or not isinstance(head, nn.Linear):
+        return ""
+    w = state.get(f"{name}.weight")
+    if isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[0] != head.out_features:
+        return (f" - the checkpoint has {w.shape[0]} classes, the model {head.out_features}: set num_classes: {w.shape[0]} "
+                "in the model spec (or use data with that many classes)")
+    return ""
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True,
+                 map_location: str | torch.device = "cpu") -> dict[str, list[str]]:
+    """Load the weights in ``path`` into ``model`` (in place); return ``{missing, unexpected, mismatched}``.
+
+    ``path`` holds a bare state dict (what ``torch.save(model.state_dict(), path)`` writes, e.g.
+    pyautoattack's ``model_test.pt``), optionally under a ``state_dict`` / ``model`` key or with a
+    ``module.`` prefix, or a robustkit checkpoint (its ``state_dict`` is used; the architecture is
+    the one given). The file is read with ``weights_only=True``.
+
+    Errors (:class:`~robustkit.errors.DataNotFoundError` for a missing file,
+    :class:`~robustkit.errors.InputError` otherwise) name the missing, unexpected and mis-shaped
+    parameters, and say so when the output layer has another number of classes. With
+    ``strict=False`` missing and unexpected names are allowed (returned), mis-shaped tensors never.
+    """
+    p = Path(path)
+    if not p.is_file():
+        hint = " (it is a folder)" if p.is_dir() else ""
+        raise DataNotFoundError(f"checkpoint not found: {p}{hint}")
+    try:
+        blob = torch.load(p, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{p} is not a readable torch checkpoint: {first}") from None
+    state = _unwrap_state(blob, p)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+              if k in state and state[k].shape != v.shape]
+    arch = type(model).__name__
+    if shapes or (strict and (missing or unexpected)):
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:5]}" + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""))
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:5]}" + (f" (+{len(unexpected) - 5} more)" if len(unexpected) > 5 else ""))
+        if shapes:
+            parts.append(f"shape mismatch (checkpoint vs model) {shapes[:5]}" + (f" (+{len(shapes) - 5} more)" if len(shapes) > 5 else ""))
+        hint = _classifier_hint(model, state, shapes)
+        if not hint and len(missing) == len(expected):
+            hint = " - no parameter name matches: is this the right architecture?"
+        raise InputError(f"{p} does not fit {arch}: {'; '.join(parts)}{hint}")
+    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
+    return {"missing": missing, "unexpected": unexpected, "mismatched": []}
+
+
+def split_model_spec(spec: Any, path: str = "model") -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """``{name, checkpoint?, strict?, **kwargs}`` -> ``(name, kwargs, {checkpoint, strict})`` with the load options checked.
+
+    The architecture's own keyword arguments are left for the registry to check.
+    """
+    name, params = MODELS.split_spec(spec, path)
+    load = {k: params.pop(k) for k in list(params) if k in MODEL_LOAD_KEYS}
+    if "strict" in load and "checkpoint" not in load:
+        raise ConfigError("strict only applies with a checkpoint", f"{path}.strict")
+    if "checkpoint" in load:
+        ck = load["checkpoint"]
+        if not isinstance(ck, (str, os.PathLike)) or not str(ck).strip():
+            raise ConfigError(f"expected the path of a weights file, got {ck!r}", f"{path}.checkpoint")
+        load["checkpoint"] = os.fspath(ck)
+        strict = load.setdefault("strict", True)
+        if not isinstance(strict, bool):
+            raise ConfigError(f"expected true or false, got {strict!r}", f"{path}.strict")
+    return name, params, load
+
+
+def check_model_spec(spec: Any, path: str = "model") -> dict[str, Any]:
+    """Validate a config's ``model`` spec, load options included; return it normalized.
+
+    The checkpoint file must exist (checked here, before anything runs); whether its weights
+    fit is checked when the model is built.
+    """
+    name, params, load = split_model_spec(spec, path)
+    params = MODELS.check_kwargs(name, params, path)
+    if "checkpoint" in load and not Path(load["checkpoint"]).expanduser().is_file():
+        p = Path(load["checkpoint"]).expanduser()
+        raise ConfigError(f"checkpoint not found: {p.resolve()}{' (it is a folder)' if p.is_dir() else ''}",
+                          f"{path}.checkpoint")
+    return {"name": name, **params, **load}

@@ -8,7 +8,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 from torch import nn
 
+from ..errors import RobustkitError
 from ..eval.report import Report
+from ..models.checkpoints import load_weights, split_model_spec
 from ..registry import DATASETS, MODELS, STEPS
 from ..utils import resolve_device, seed_everything
 from .config import apply_overrides, load_config, validate_config
@@ -24,10 +26,26 @@ def model_kwargs_from_data(name: str, params: dict[str, Any], data: Any) -> dict
     return {k: v for k, v in derived.items() if k in accepted and k not in params}
 
 
-def build_model(spec: Mapping[str, Any], data: Any = None, path: str = "model") -> nn.Module:
-    name, params = MODELS.split_spec(spec, path)
+def build_model(spec: Mapping[str, Any] | str, data: Any = None, path: str = "model") -> nn.Module:
+    """The model a config's ``model`` spec names, with ``in_channels`` / ``num_classes`` /
+    ``image_size`` filled from ``data`` when not given.
+
+    ``checkpoint: PATH`` loads weights into the architecture built (a bare state dict, e.g.
+    ``torch.save(model.state_dict())`` from any PyTorch code, or a robustkit checkpoint);
+    ``strict`` (default true) requires every parameter to match. Errors name the file and the
+    missing / unexpected / mis-shaped parameters (and the class count when the output layer
+    differs). The model is returned in eval mode when weights were loaded.
+    """
+    name, params, load = split_model_spec(spec, path)
     extra = model_kwargs_from_data(name, params, data)
-    return MODELS.build({"name": name, **params}, path, **extra)
+    model = MODELS.build({"name": name, **params}, path, **extra)
+    if "checkpoint" in load:
+        try:
+            load_weights(model, load["checkpoint"], strict=load.get("strict", True))
+        except RobustkitError as exc:
+            raise type(exc)(f"{path}.checkpoint: {exc}") from None
+        model.eval()
+    return model
 
 
 def run(

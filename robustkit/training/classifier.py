@@ -6,17 +6,18 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from torch import nn
 from torch.utils.data import Dataset
 
 from ..backdoor.metrics import backdoor_metrics
+from ..errors import InputError
 from ..inference import accuracy
 from ..io import atomic_path
 from ..models.checkpoints import save_checkpoint
 from .loop import Callback, EpochEnd, fit
-from .steps import PlainStep
+from .steps import PlainStep, TrainStep
 
 
 def train_classifier(
@@ -38,6 +39,8 @@ def train_classifier(
     progress: bool = True,
     desc: str = "train",
     on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
+    step: TrainStep | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> list[dict[str, Any]]:
     """Train ``model`` in place with cross-entropy; return one history row per epoch.
 
@@ -45,14 +48,19 @@ def train_classifier(
     batch before the model, as defenses trained with their preprocessing need. The model
     stays on its device; batches are moved to it. ``on_epoch_end(epoch, row)`` may add keys
     to the epoch's history row (e.g. ASR) or write a checkpoint. Runs :func:`fit` with a
-    :class:`PlainStep`.
+    :class:`PlainStep`, or with ``step`` (e.g. :class:`~robustkit.training.TRADESStep`, which
+    holds its own preprocessor) and extra ``callbacks`` (e.g.
+    :class:`~robustkit.training.RobustAccuracy`), run before ``val_data`` / ``on_epoch_end``.
     """
-    callbacks: list[Callback] = []
+    if step is not None and (preprocess is not None or label_smoothing):
+        raise InputError("pass preprocess / label_smoothing to the step itself when you give step=")
+    callbacks = list(callbacks)
     if val_data is not None:
         callbacks.append(EpochEnd(lambda epoch, row: row.__setitem__("val_acc", accuracy(model, val_data))))
     if on_epoch_end is not None:
         callbacks.append(EpochEnd(on_epoch_end))
-    return fit(model, train_data, PlainStep(label_smoothing, preprocess), epochs=epochs, lr=lr, batch_size=batch_size,
+    step = step if step is not None else PlainStep(label_smoothing, preprocess)
+    return fit(model, train_data, step, epochs=epochs, lr=lr, batch_size=batch_size,
                optimizer=optimizer, momentum=momentum, weight_decay=weight_decay, schedule=schedule,
                warmup_epochs=warmup_epochs, callbacks=callbacks, seed=seed, progress=progress, desc=desc)
 
@@ -104,5 +112,5 @@ def train(
             shutil.copyfile(saved[-1], tmp)
         saved.append(str(ckdir / "last.pt"))
     last = history[-1]
-    metrics = {k: float(last[k]) for k in ("val_acc", "asr", "ra") if k in last}
+    metrics = {k: float(last[k]) for k in ("val_acc", "clean_acc", "pgd_acc", "asr", "ra") if k in last}
     return TrainResult(model, history, metrics, saved)

@@ -80,6 +80,7 @@ def fit(
     seed: int = 0,
     progress: bool = True,
     desc: str = "train",
+    distributed: bool | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``model`` in place; return one history row per epoch (plus rows callbacks add).
 
@@ -90,6 +91,16 @@ def fit(
     replaces ``model.train()`` (e.g. to keep frozen BatchNorm layers in eval mode). The model
     is in eval mode when callbacks run and when ``fit`` returns. A non-finite loss raises
     ``RuntimeError`` naming the epoch and the learning rate.
+
+    Data parallel: when ``torch.distributed`` is initialized with several processes
+    (``distributed=None``, the default; ``False`` never, ``True`` requires it), the model is wrapped
+    in ``DistributedDataParallel`` and ``batch_size`` is the *global* batch: every process
+    shuffles with the same generator, cuts the same global batches and trains on its contiguous
+    slice of each; gradients are averaged with per-process weights (local size / global size),
+    so one epoch equals one process with the same global batch up to float reduction order and
+    per-process BatchNorm statistics (use a model without BatchNorm, or SyncBatchNorm on GPUs,
+    where that matters). A final global batch smaller than the number of processes is skipped.
+    The history (loss, train_acc) is reduced over the processes.
     """
     check_epochs_lr(epochs, lr)
     if len(data) == 0:  # type: ignore[arg-type]
@@ -105,11 +116,21 @@ def fit(
         params = [(n, p) for n, p in named if p.requires_grad]
         if not params:
             raise InputError("nothing to train: no parameter is trainable")
-        loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
+        rank, world = _world(distributed)
+        if world > 1:
+            sampler = GlobalBatchSampler(len(data), batch_size, rank, world, torch.Generator().manual_seed(seed))  # type: ignore[arg-type]
+            loader = DataLoader(data, batch_sampler=sampler, generator=sampler.generator)
+        else:
+            loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
         opt = make_optimizer([p for _, p in params], optimizer, lr, momentum, weight_decay)
         steps_per_epoch = len(loader)
         sched = make_scheduler(opt, schedule, epochs * steps_per_epoch, int(warmup_epochs * steps_per_epoch))
+        step.set_seed(seed)
         step.setup(model, params)
+        runner: nn.Module = model
+        scale: dict[str, float] = {"local": 1.0}
+        if world > 1:
+            runner = _ddp(model, device, scale)
         callbacks = list(callbacks)
         history: list[dict[str, Any]] = []
         for cb in callbacks:
@@ -120,11 +141,15 @@ def fit(
                 (train_mode or nn.Module.train)(model)
                 t0 = time.perf_counter()
                 loss_sum = correct = seen = 0.0
-                for x, y in loader:
+                for b, (x, y) in enumerate(loader):
                     x, y = x.to(device, non_blocking=True), torch.as_tensor(y).to(device, non_blocking=True)
                     opt.zero_grad(set_to_none=True)
+                    if world > 1:
+                        step.shard = sampler.shards[b]
+                        start, stop, total = step.shard
+                        scale["local"] = (stop - start) / total
                     try:
-                        loss, logits = step(model, x, y)
+                        loss, logits = step(runner, x, y)
                     except FloatingPointError as exc:
                         raise RuntimeError(f"{desc} diverged at epoch {epoch} ({exc}); lower lr (now {lr})") from None
                     opt.step()
@@ -135,6 +160,8 @@ def fit(
                     seen += n
                     bar.update(1)
                     bar.set_postfix(epoch=epoch, loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+                if world > 1:
+                    loss_sum, correct, seen = _all_sum(loss_sum, correct, seen, device=device)
                 row: dict[str, Any] = {"epoch": epoch, "loss": loss_sum / seen, "train_acc": correct / seen,
                                        "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
                 model.eval()
@@ -144,7 +171,81 @@ def fit(
         finally:
             bar.close()
     finally:
+        step.shard = None
         for p, flag in saved_flags:
             p.requires_grad_(flag)
         model.eval()
     return history
+
+
+def _world(distributed: bool | None) -> tuple[int, int]:
+    """(rank, world size) this call of :func:`fit` trains with."""
+    import torch.distributed as dist
+
+    on = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if distributed and not on:
+        raise InputError("distributed=True needs an initialized torch.distributed process group with >= 2 processes "
+                         "(launch with torchrun)")
+    if distributed is False or not on:
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def shard_bounds(total: int, rank: int, world: int) -> tuple[int, int]:
+    """Contiguous slice ``[start, stop)`` of a global batch of ``total`` held by ``rank`` (sizes differ by <= 1)."""
+    base, extra = divmod(total, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+class GlobalBatchSampler(torch.utils.data.Sampler):
+    """This process's slice of each global batch, the global batches being exactly those of
+    ``DataLoader(data, batch_size, shuffle=True, generator=generator)`` in one process (same
+    generator draws: pass ``generator`` to the DataLoader too). ``shards[b]`` is
+    ``(start, stop, total)`` of batch ``b``; a last global batch smaller than ``world`` is skipped.
+    """
+
+    def __init__(self, n: int, batch_size: int, rank: int, world: int, generator: torch.Generator):
+        from torch.utils.data import BatchSampler, RandomSampler
+
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < world:
+            raise InputError(f"batch_size (the global batch) must be an integer >= the number of processes ({world}), "
+                             f"got {batch_size!r}")
+        self.generator = generator
+        self.batches = BatchSampler(RandomSampler(range(n), generator=generator), batch_size, drop_last=False)
+        self.rank, self.world = rank, world
+        sizes = [batch_size] * (n // batch_size) + ([n % batch_size] if n % batch_size else [])
+        self.shards = [(*shard_bounds(t, rank, world), t) for t in sizes if t >= world]
+
+    def __iter__(self):
+        for batch in self.batches:
+            if len(batch) >= self.world:
+                start, stop = shard_bounds(len(batch), self.rank, self.world)
+                yield batch[start:stop]
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+
+def _ddp(model: nn.Module, device: torch.device, scale: dict[str, float]) -> nn.Module:
+    """``DistributedDataParallel(model)`` whose gradient all-reduce weights each process by its share of the batch."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def weighted_allreduce(state: dict[str, float], bucket: Any) -> torch.futures.Future:
+        buf = bucket.buffer()
+        buf.mul_(state["local"])  # local mean -> this process's share of the global mean
+        return dist.all_reduce(buf, async_op=True).get_future().then(lambda fut: fut.value()[0])
+
+    ddp.register_comm_hook(scale, weighted_allreduce)
+    return ddp
+
+
+def _all_sum(*values: float, device: torch.device) -> list[float]:
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()

@@ -6,6 +6,12 @@ step is what differs:
 
 - :class:`PlainStep`: cross-entropy (optionally on preprocessed inputs, e.g. noise + bilateral).
 - :class:`SAMStep`: (adaptive) sharpness-aware minimization, the update FT-SAM uses.
+- :class:`~robustkit.training.adversarial.PGDATStep`, :class:`~robustkit.training.adversarial.TRADESStep`:
+  adversarial training with the preprocessor in the loop (:mod:`robustkit.training.adversarial`).
+
+The model a step receives may be wrapped in ``DistributedDataParallel`` (multi-process
+training); a step that runs extra forward passes without a backward (an attack) should run
+them on :func:`~robustkit.training.adversarial.unwrap` ``(model)``.
 """
 
 from __future__ import annotations
@@ -30,6 +36,13 @@ class TrainStep:
         if not 0 <= label_smoothing < 1:
             raise InputError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
         self.label_smoothing = float(label_smoothing)
+
+    #: ``(start, stop, total)``: this process's slice of the global batch, set by :func:`fit` before
+    #: each batch under ``torch.distributed`` (``None``: the whole batch is in this process).
+    shard: tuple[int, int, int] | None = None
+
+    def set_seed(self, seed: int) -> None:
+        """Called by :func:`fit` with its ``seed`` before :meth:`setup` (steps with their own randomness use it)."""
 
     def setup(self, model: nn.Module, params: list[tuple[str, nn.Parameter]]) -> None:
         """Called once before the first batch (default: nothing)."""
