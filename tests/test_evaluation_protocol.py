@@ -160,3 +160,42 @@ def test_filter_result_rejects_non_boolean_flags():
     with pytest.raises(InputError, match="boolean"):
         FilterResult(torch.rand(4), torch.tensor([0.2, 0.9, 0.0, 1.0]))
     assert FilterResult(torch.rand(3), torch.tensor([0.0, 1.0, 1.0])).flagged.tolist() == [False, True, True]
+
+
+# --------------------------------------------------------------------------- gradient-masking checks
+def test_sanity_checks_flag_probabilities_zero_gradients_and_undeclared_randomness():
+    from robustkit.eval.checks import check_gradients, check_logits, check_randomness
+
+    torch.manual_seed(0)
+    x, y = torch.rand(8, 1, 2, 2), torch.randint(0, 3, (8,))
+    soft = nn.Sequential(ThresholdModel(), nn.Softmax(dim=1))
+    assert check_logits("m", soft, x).result == "warning"
+    assert check_logits("m", ThresholdModel(), x).result == "ok"
+
+    class Rounded(nn.Module):
+        def forward(self, x):
+            return ThresholdModel()(torch.round(x))  # zero gradient almost everywhere
+
+    assert check_gradients("m", Rounded(), x, y).result == "warning"
+    assert check_gradients("m", ThresholdModel(), x, y).result == "ok"
+
+    class SecretNoise(nn.Module):
+        def forward(self, x):
+            return ThresholdModel()(x + 0.01 * torch.randn_like(x))
+
+    assert check_randomness("m", SecretNoise(), x, declared_randomized=False).result == "warning"
+    assert check_randomness("m", ThresholdModel(), x, declared_randomized=False).result == "ok"
+
+
+def test_stronger_attack_check_warns_when_more_steps_break_more():
+    x = torch.full((8, 1, 2, 2), 0.45)
+    y = torch.zeros(8, dtype=torch.long)
+    weak = {"name": "pgd", "eps": 0.1, "alpha": 0.03, "steps": 1, "random_start": False}
+    ev = evaluate_defenses(ThresholdModel(), x, y, attacks=[weak], progress=False)
+    assert next(r for r in ev.rows if r["kind"] == "pgd")["accuracy"] == 1.0  # one step of 0.03 cannot cross 0.5
+    check = next(c for c in ev.checks if c.check == "stronger attack")
+    assert check.result == "warning" and "broke 8 of the 8" in check.detail
+    assert any("keeps falling" in n for n in ev.notes)
+    strong = {**weak, "alpha": 0.06, "steps": 2}
+    ev = evaluate_defenses(ThresholdModel(), x, y, attacks=[strong], progress=False)
+    assert not [c for c in ev.checks if c.check == "stronger attack"]  # nothing survived: nothing to re-attack

@@ -152,7 +152,7 @@ def robust_accuracy(
             bar.update(xb.shape[0])
             bar.set_postfix(robust=f"{robust_sum / n_done:.3f}")
         bar.close()
-    parts = sorted(_gather(parts), key=lambda p: p[0])
+    parts = sorted(_gather(parts) if shard is not None else parts, key=lambda p: p[0])
     if [p[0] for p in parts] != list(range(len(all_batches))):
         raise RuntimeError(f"sharded evaluation is missing batches: got {[p[0] for p in parts]}")
     clean = torch.cat([p[1] for p in parts], dim=1)

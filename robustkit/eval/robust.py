@@ -25,6 +25,7 @@ from ..errors import ConfigError
 from ..preprocessing import build_preprocessor
 from ..registry import ATTACKS, PREPROCESSORS
 from ..wrap import Defended, wrap
+from .checks import Check, check_stronger_attack, sanity_checks
 from .metrics import robust_accuracy
 
 
@@ -122,6 +123,7 @@ class Evaluation:
     n: int
     swept: bool
     draws: int = 1
+    checks: list[Check] = field(default_factory=list)
 
     def defenses(self) -> list[str]:
         return list(dict.fromkeys(r["defense"] for r in self.rows))
@@ -165,6 +167,7 @@ def evaluate_defenses(
     seed: int | None = 0,
     shard: tuple[int, int] | None = None,
     draws: int = 10,
+    checks: bool = True,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> Evaluation:
@@ -176,6 +179,8 @@ def evaluate_defenses(
     only if it was robust in every draw. Per defense and radius a *worst case* row counts the
     images that survive every adaptive attack (per image, its worst attack). Batch ``b`` is
     attacked with seed ``seed + b``, so the result is the same under ``torchrun`` sharding.
+    ``checks``: run the gradient-masking sanity checks (:mod:`robustkit.eval.checks`) per defense,
+    including a stronger PGD on the images that survived the strongest adaptive PGD row.
     """
     from ..registry import parse_number
 
@@ -187,6 +192,7 @@ def evaluate_defenses(
     notes: list[str] = []
     run = dict(batch_size=batch_size, progress=progress, seed=seed, shard=shard, draws=draws)
     n_draws = 1
+    all_checks: list[Check] = []
     for d in parse_defenses(defenses):
         defended: Defended = wrap(model, *d.build(device))
         bpda = not defended.differentiable
@@ -200,6 +206,7 @@ def evaluate_defenses(
                      "all_draws": res.clean_all_draws, "draws": res.draws, "adaptive": "-", "gradient": "-",
                      "seconds": res.seconds, "family": "clean", "kind": "clean", "settings": {}})
         done: set[str] = set()
+        attacks_run: list[EvasionAttack] = []
         done_settings: list[dict[str, Any]] = []
         results: list[tuple[dict[str, Any], Any]] = []
         for i, a in enumerate(attack_specs):
@@ -227,6 +234,7 @@ def evaluate_defenses(
                        "settings": attack.describe()}
                 rows.append(row)
                 results.append((row, res))
+                attacks_run.append(attack)
                 say(f"  {d.label} / {name}: robust accuracy {res.robust_accuracy:.3f} ({res.seconds:.1f} s)")
                 if not adaptive:
                     notes.append(
@@ -239,4 +247,20 @@ def evaluate_defenses(
         rows.extend(worst)
         for w in worst:
             say(f"  {d.label} / {w['attack']}: robust accuracy {w['accuracy']:.3f}")
-    return Evaluation(rows, notes, int(x.shape[0]), swept=len(radii) > 1, draws=n_draws)
+        if checks:
+            found = sanity_checks(d.label, defended, x.to(device), y.to(device), defended.randomized)
+            pgd = [(row, res, atk) for (row, res), atk in zip(results, attacks_run)
+                   if row["adaptive"] is True and hasattr(atk, "steps")]
+            if pgd:
+                top_eps = max(r["eps"] for r, _, _ in pgd)
+                row, res, atk = min((p for p in pgd if p[0]["eps"] == top_eps), key=lambda p: p[0]["accuracy"])
+                stronger = check_stronger_attack(d.label, defended, atk, x, y, res.robust_frac, seed=seed,
+                                                 draws=draws, batch_size=batch_size, shard=shard)
+                if stronger is not None:
+                    found.append(stronger)
+            all_checks.extend(found)
+            for c in found:
+                if c.result == "warning":
+                    notes.append(f"gradient-masking check '{c.check}' on '{d.label}': {c.detail}")
+                    say(f"  warning: {c.check}: {c.detail}")
+    return Evaluation(rows, notes, int(x.shape[0]), swept=len(radii) > 1, draws=n_draws, checks=all_checks)

@@ -11,31 +11,39 @@ from ...eval.robustbench import robustbench_entry, slug
 from ...registry import STEPS
 from ..context import Context
 
-TABLE_NOTE = ("{n} test images. Robust = correct on the clean and on the attacked image. "
-              "adaptive = the attack differentiates through the defense and, for randomized defenses, uses EOT; "
-              "gradient = exact, or BPDA (identity backward) through non-differentiable preprocessors.")
+TABLE_NOTE = ("{n} test images. Robust = correct on the clean and on the attacked image. Randomized defenses are "
+              "scored over {draws} draws of their randomness: accuracy = mean over draws (the headline), all_draws = "
+              "robust in every draw. 'worst case over k attacks' counts the images that survive every adaptive attack "
+              "at that radius. adaptive = the attack differentiates through the defense and, for randomized "
+              "defenses, uses EOT; gradient = exact, or BPDA (identity backward) through non-differentiable "
+              "preprocessors. See docs/evaluation.md.")
 
 
 @STEPS.register("evaluate")
 def evaluate(ctx: Context, /, attacks: list | None = None, defenses: list | None = None, eps: list | None = None,
-             n_samples: int | None = None, batch_size: int = 256) -> None:
+             n_samples: int | None = None, batch_size: int = 256, draws: int = 10, checks: bool = True) -> None:
     """Clean and robust accuracy of the model behind each defense under each attack.
 
     ``defenses``: list of ``{label, preprocessors: [spec, ...]}`` (default: undefended only).
     ``attacks``: list of attack specs (``{name: pgd, eps: 8/255, ..., label: optional}``).
     ``eps``: optional list of radii; every attack then runs at each of them and
     ``robust_vs_eps.png`` plots the curves. ``n_samples``: the first n test images (default: all).
-    See :func:`robustkit.eval.evaluate_defenses` for the adaptive policy.
+    ``draws``: draws of a randomized defense's randomness per scored image (mean = headline,
+    ``all_draws`` beside it). ``checks``: gradient-masking sanity checks, written to the report.
+    See :func:`robustkit.eval.evaluate_defenses` and docs/evaluation.md for the protocol.
     """
     model, data = ctx.require_model("evaluate"), ctx.require_data("evaluate")
     x, y = to_tensors(data.test, max_samples=n_samples)
     ev = evaluate_defenses(model, x, y, defenses, attacks, eps, batch_size=batch_size, seed=ctx.seed,
-                           shard=ctx.shard, progress=ctx.show_progress, log=ctx.log)
+                           shard=ctx.shard, draws=draws, checks=checks, progress=ctx.show_progress, log=ctx.log)
     for r in ev.rows:
         key = "clean_accuracy" if r["attack"] == "clean" else f"{r['attack']}/robust_accuracy"
         ctx.report.metrics[f"{r['defense']}/{key}"] = r["accuracy"]
     ctx.report.notes.extend(ev.notes)
-    ctx.report.add_table("Clean and robust accuracy", ev.table(), note=TABLE_NOTE.format(n=ev.n))
+    ctx.report.add_table("Clean and robust accuracy", ev.table(), note=TABLE_NOTE.format(n=ev.n, draws=ev.draws))
+    if ev.checks:
+        ctx.report.add_table("Gradient-masking checks", [c.to_row() for c in ev.checks],
+                             note="A warning means the robust accuracy above may be an overestimate.")
     if ctx.is_main:
         for label in ev.defenses():
             path = ctx.out_path(f"robustbench_{slug(label)}.json")
