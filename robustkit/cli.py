@@ -124,6 +124,14 @@ def _registry_names() -> list[str]:
 QUICK_OVERRIDES = ["steps.0.train.epochs=3", "steps.1.evaluate.n_samples=128"]
 
 
+def _check_out_dir(out: str | Path | None, option: str = "--out") -> None:
+    """An output folder must be a folder: refuse an existing file before anything runs."""
+    from .errors import ConfigError
+
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise ConfigError(f"{out} is an existing file, not a folder; choose another output folder", option)
+
+
 def _run(config: str | Path, args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
     from .pipeline import apply_overrides, load_config, validate_config
     from .pipeline import run as run_pipeline
@@ -134,11 +142,16 @@ def _run(config: str | Path, args: argparse.Namespace, extra: Sequence[str] = ()
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
     cfg = validate_config(apply_overrides(load_config(config), overrides))
+    _check_out_dir(args.out or cfg.get("output_dir"))
     if args.dry_run:
         import yaml
 
+        from .pipeline.preflight import preflight
+
+        checked = preflight(cfg)
         print(f"config {config} is valid:\n")
         print(yaml.safe_dump(cfg, sort_keys=False))
+        print("checked: " + "; ".join(checked))
         return 0
     report = run_pipeline(cfg, out_dir=args.out, progress=not args.no_progress)
     for table in report.tables:
@@ -152,8 +165,6 @@ def _run(config: str | Path, args: argparse.Namespace, extra: Sequence[str] = ()
 
 def _load_suspect_data(path: str):
     """A robustkit poisoned set (with ground truth) or a plain ``.npz`` holding ``x`` and ``y``."""
-    from .data.arrays import ArrayDataset
-    from .data.npz import images_to_tensor
     from .backdoor.poisoned import load_poisoned
     from .errors import DataNotFoundError, InputError
 
@@ -164,16 +175,13 @@ def _load_suspect_data(path: str):
         return load_poisoned(p)
     if p.suffix != ".npz":
         raise InputError(f"{p}: expected a robustkit poisoned set (with its manifest) or an .npz file with x and y")
-    import numpy as np
-    import torch
+    from .data.npz import load_npz
 
-    with np.load(p) as f:
-        if "x" not in f or "y" not in f:
-            raise InputError(f"{p} must hold arrays 'x' and 'y' (found {', '.join(f.files)})")
-        return ArrayDataset(images_to_tensor(f["x"]), torch.from_numpy(f["y"]).long())
+    return load_npz(p).train  # x, y as given (or the training split of a split file)
 
 
 def _filter(args: argparse.Namespace) -> int:
+    _check_out_dir(args.out)
     import yaml
 
     from .errors import ConfigError

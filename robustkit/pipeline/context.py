@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +12,9 @@ from torch.utils.data import Dataset
 
 from ..base import BackdoorAttack
 from ..data.arrays import DataBundle
-from ..errors import ConfigError
+from ..errors import ConfigError, InputError
+from ..inference import output_classes
+from ..validation import check_num_classes
 from ..eval.report import Report
 from ..utils import resolve_out_path
 
@@ -38,6 +40,7 @@ class Context:
     clean_train: Dataset | None = None
     rank: int = 0
     world_size: int = 1
+    _classes_checked: nn.Module | None = field(default=None, repr=False)
 
     @property
     def is_main(self) -> bool:
@@ -53,8 +56,18 @@ class Context:
             print(msg, flush=True)
 
     def require_model(self, step: str) -> nn.Module:
+        """The run's model; the first time a step asks for a (new) model, its output count is checked
+        against the data's class count, so a 3-class checkpoint on 10-class data fails before any number."""
         if self.model is None:
             raise ConfigError(f"step {step!r} needs a model: add a 'model' section or a load_model step before it", "steps")
+        if self.data is not None and self._classes_checked is not self.model:
+            x, _ = self.data.test[0] if len(self.data.test) else self.data.train[0]  # type: ignore[arg-type]
+            try:
+                check_num_classes(output_classes(self.model, x.unsqueeze(0)), self.data.num_classes,
+                                  model=f"the model of step {step!r}", data=f"data {self.data.name!r}")
+            except InputError as exc:
+                raise ConfigError(str(exc), "model") from None
+            self._classes_checked = self.model
         return self.model
 
     def out_path(self, path: str | Path) -> Path:

@@ -35,7 +35,14 @@ def poison(ctx: Context, /, attack: Any = "badnets", rate: float = 0.1, seed: in
     ctx.log(f"  poisoned {row['poisoned']} of {row['train_size']} training images with {name} (target {atk.target})")
 
 
-poison.validate = lambda params, path: BACKDOORS.build(params.get("attack", "badnets"), f"{path}.attack")  # type: ignore[attr-defined]
+def _validate_poison(params: dict[str, Any], path: str) -> None:
+    BACKDOORS.build(params.get("attack", "badnets"), f"{path}.attack")
+    rate = params.get("rate", 0.1)
+    if not (isinstance(rate, (int, float)) and not isinstance(rate, bool) and 0 <= rate <= 1):
+        raise ConfigError(f"the poisoning rate must be a fraction in [0, 1], got {rate!r}", f"{path}.rate")
+
+
+poison.validate = _validate_poison  # type: ignore[attr-defined]
 
 
 @STEPS.register("backdoor_eval")

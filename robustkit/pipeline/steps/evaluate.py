@@ -8,7 +8,8 @@ from ...data import to_tensors
 from ...eval.plots import accuracy_bars, robust_vs_eps
 from ...eval.robust import evaluate_defenses, validate_evaluation
 from ...eval.robustbench import robustbench_entry, slug
-from ...registry import STEPS
+from ...errors import ConfigError
+from ...registry import STEPS, parse_number
 from ..context import Context
 
 TABLE_NOTE = ("{n} test images. Robust = correct on the clean and on the attacked image. Randomized defenses are "
@@ -54,5 +55,19 @@ def evaluate(ctx: Context, /, attacks: list | None = None, defenses: list | None
         ctx.report.figures.append(plot(ev.rows, ctx.out_path(name)).name)
 
 
-evaluate.validate = lambda params, path: validate_evaluation(  # type: ignore[attr-defined]
-    params.get("defenses"), params.get("attacks"), path)
+def _validate(params: dict, path: str) -> None:
+    validate_evaluation(params.get("defenses"), params.get("attacks"), path)
+    eps = params.get("eps")
+    if eps is not None:
+        if not isinstance(eps, list) or not eps:
+            raise ConfigError("must be a non-empty list of radii, e.g. [2/255, 4/255, 8/255]", f"{path}.eps")
+        for i, e in enumerate(eps):
+            if not parse_number(e, f"{path}.eps[{i}]") >= 0:
+                raise ConfigError(f"a radius must be >= 0, got {e!r}", f"{path}.eps[{i}]")
+    for key in ("n_samples", "batch_size", "draws"):
+        v = params.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ConfigError(f"must be an integer >= 1, got {v!r}", f"{path}.{key}")
+
+
+evaluate.validate = _validate  # type: ignore[attr-defined]
