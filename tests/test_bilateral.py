@@ -11,7 +11,14 @@ import pytest
 import torch
 
 from robustkit.errors import InputError
-from robustkit.preprocessing.kernels import bilateral_filter, window_offsets
+from robustkit.preprocessing.kernels import bilateral_filter, numba_available, window_offsets
+
+# The CPU paths: the fused Numba kernel (the default on CPU) and the PyTorch tap loop (the
+# fallback). The agreement tests below run on both.
+CPU_BACKENDS = [
+    pytest.param("numba", marks=pytest.mark.skipif(not numba_available(), reason="numba not installed")),
+    "torch",
+]
 
 
 def cv2_filter(x: torch.Tensor, d: int, sc: float, ss: float) -> torch.Tensor:
@@ -30,30 +37,33 @@ def photos():
     return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 255
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("d,sc,ss", [(3, 0.1, 1.0), (5, 0.1, 1.5), (7, 0.2, 2.0), (9, 0.05, 3.0)])
-def test_matches_opencv_on_real_photos(photos, d, sc, ss):
-    ours = bilateral_filter(photos, d, sc, ss, distance="l1", window="circle")
+def test_matches_opencv_on_real_photos(photos, d, sc, ss, backend):
+    ours = bilateral_filter(photos, d, sc, ss, distance="l1", window="circle", backend=backend)
     ref = cv2_filter(photos, d, sc, ss)
     assert torch.allclose(ours, ref, atol=1e-4), float((ours - ref).abs().max())
     # and the filter really did something (edge-preserving smoothing, not identity)
     assert float((ours - photos).abs().mean()) > 1e-3
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("channels", [1, 3])
-def test_matches_opencv_on_random_batches(channels):
+def test_matches_opencv_on_random_batches(channels, backend):
     g = torch.Generator().manual_seed(0)
     x = torch.rand(4, channels, 17, 23, generator=g)
-    ours = bilateral_filter(x, 5, 0.3, 1.2)
+    ours = bilateral_filter(x, 5, 0.3, 1.2, backend=backend)
     assert torch.allclose(ours, cv2_filter(x, 5, 0.3, 1.2), atol=1e-4)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("distance", ["l1", "l2"])
-def test_matches_kornia_square_window(distance, photos):
+def test_matches_kornia_square_window(distance, photos, backend):
     kornia = pytest.importorskip("kornia")
     x = torch.cat([photos[:, :, :40, :40], torch.rand(2, 3, 40, 40, generator=torch.Generator().manual_seed(1))])
     for k, sc, ss in [(5, 0.1, 1.5), (9, 0.2, 2.5)]:
         ref = kornia.filters.bilateral_blur(x, (k, k), sc, (ss, ss), border_type="reflect", color_distance_type=distance)
-        ours = bilateral_filter(x, k, sc, ss, distance=distance, window="square")
+        ours = bilateral_filter(x, k, sc, ss, distance=distance, window="square", backend=backend)
         assert torch.allclose(ours, ref, atol=1e-4), float((ours - ref).abs().max())
 
 
@@ -65,57 +75,64 @@ def test_window_taps():
     assert window_offsets(1, "circle") == [(0, 0)]
 
 
-def test_per_sample_sigmas_equal_separate_calls():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_per_sample_sigmas_equal_separate_calls(backend):
     x = torch.rand(3, 2, 12, 12, generator=torch.Generator().manual_seed(2))
     sc = torch.tensor([0.05, 0.2, 0.5])
     ss = torch.tensor([0.8, 1.5, 3.0])
-    batched = bilateral_filter(x, 5, sc, ss)
+    batched = bilateral_filter(x, 5, sc, ss, backend=backend)
     for i in range(3):
-        single = bilateral_filter(x[i : i + 1], 5, float(sc[i]), float(ss[i]))
+        single = bilateral_filter(x[i : i + 1], 5, float(sc[i]), float(ss[i]), backend=backend)
         assert torch.allclose(batched[i : i + 1], single, atol=1e-6)
 
 
-def test_iterations_compose_and_zero_is_identity():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_iterations_compose_and_zero_is_identity(backend):
     x = torch.rand(2, 3, 10, 10)
-    twice = bilateral_filter(bilateral_filter(x, 5, 0.1, 1.5), 5, 0.1, 1.5)
-    assert torch.allclose(bilateral_filter(x, 5, 0.1, 1.5, iterations=2), twice)
-    assert torch.equal(bilateral_filter(x, 5, 0.1, 1.5, iterations=0), x)
+    twice = bilateral_filter(bilateral_filter(x, 5, 0.1, 1.5, backend=backend), 5, 0.1, 1.5, backend=backend)
+    assert torch.allclose(bilateral_filter(x, 5, 0.1, 1.5, iterations=2, backend=backend), twice)
+    assert torch.equal(bilateral_filter(x, 5, 0.1, 1.5, iterations=0, backend=backend), x)
 
 
-def test_properties_constant_image_and_range():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_properties_constant_image_and_range(backend):
     c = torch.full((1, 3, 8, 8), 0.37)
-    assert torch.allclose(bilateral_filter(c, 7, 0.1, 2.0), c)
+    assert torch.allclose(bilateral_filter(c, 7, 0.1, 2.0, backend=backend), c)
     x = torch.rand(2, 3, 16, 16)
-    y = bilateral_filter(x, 5, 0.5, 2.0)
+    y = bilateral_filter(x, 5, 0.5, 2.0, backend=backend)
     assert float(y.min()) >= float(x.min()) - 1e-6 and float(y.max()) <= float(x.max()) + 1e-6  # convex combination
 
 
-def test_small_images_larger_than_radius():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_small_images_larger_than_radius(backend):
     """Reflect-101 padding wider than the image (OpenCV wraps the reflection)."""
     x = torch.rand(1, 1, 3, 4, generator=torch.Generator().manual_seed(3))
-    ours = bilateral_filter(x, 9, 0.3, 2.0)
+    ours = bilateral_filter(x, 9, 0.3, 2.0, backend=backend)
     assert torch.allclose(ours, cv2_filter(x, 9, 0.3, 2.0), atol=1e-4)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("distance", ["l1", "l2"])
 @pytest.mark.parametrize("window", ["circle", "square"])
-def test_gradcheck_float64(distance, window):
+def test_gradcheck_float64(distance, window, backend):
     x = torch.rand(2, 2, 6, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(4)).requires_grad_()
     sc = torch.tensor([0.3, 0.6], dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda t: bilateral_filter(t, 5, 0.3, 1.2, distance, window), (x,))
-    assert torch.autograd.gradcheck(lambda t: bilateral_filter(t, 3, sc, 1.0, distance, window, iterations=2), (x,))
+    assert torch.autograd.gradcheck(lambda t: bilateral_filter(t, 5, 0.3, 1.2, distance, window, backend=backend), (x,))
+    assert torch.autograd.gradcheck(lambda t: bilateral_filter(t, 3, sc, 1.0, distance, window, iterations=2, backend=backend), (x,))
 
 
-def test_gradient_is_not_the_refiltered_gradient():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_gradient_is_not_the_refiltered_gradient(backend):
     """MONAI-style backward (filter grad_output with the forward weights) differs from the truth."""
     x = torch.rand(1, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5)).requires_grad_()
     g = torch.rand(1, 1, 8, 8, dtype=torch.float64)
-    (ours,) = torch.autograd.grad(bilateral_filter(x, 5, 0.2, 1.5), x, g)
-    refiltered = bilateral_filter(g, 5, 0.2, 1.5)
+    (ours,) = torch.autograd.grad(bilateral_filter(x, 5, 0.2, 1.5, backend=backend), x, g)
+    refiltered = bilateral_filter(g, 5, 0.2, 1.5, backend=backend)
     assert float((ours - refiltered).abs().max()) > 1e-3
 
 
-def test_backward_memory_is_linear_in_pixels():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_backward_memory_is_linear_in_pixels(backend):
     """Saved state is x, out and 1/D: no K^2 blow-up."""
     x = torch.rand(8, 3, 32, 32, requires_grad=True)
     saved = []
@@ -125,7 +142,7 @@ def test_backward_memory_is_linear_in_pixels():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        bilateral_filter(x, 9, 0.1, 2.0)
+        bilateral_filter(x, 9, 0.1, 2.0, backend=backend)
     assert sum(saved) <= 2 * x.numel() + x.numel() // 3 + 1
 
 
@@ -137,7 +154,7 @@ def test_cpu_workspace_does_not_grow_with_window_area():
     sizes = {}
     for k in (3, 9):
         bilateral_cpu.release_buffers()
-        bilateral_filter(x, k, 0.1, 2.0, window="square").sum().backward()
+        bilateral_filter(x, k, 0.1, 2.0, window="square", backend="torch").sum().backward()
         sizes[k] = sum(b.numel() for b in bilateral_cpu._WORKSPACE.buffers.values())
     assert sizes[9] < 1.5 * sizes[3], sizes  # 81 taps vs 9: only the padding grows
     assert sizes[9] < 16 * x.numel(), sizes
@@ -159,8 +176,9 @@ def naive_bilateral(x, k, sc, ss, distance="l1", window="circle"):
     return (wgt.unsqueeze(1) * taps).sum(2) / wgt.sum(1, keepdim=True)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("distance", ["l1", "l2"])
-def test_gradient_matches_autograd_reference_also_at_ties(distance):
+def test_gradient_matches_autograd_reference_also_at_ties(distance, backend):
     """Against autograd through a textbook implementation, on images full of ties
     (constant regions, quantized values), where L1 uses sign(0) = 0 like torch's abs."""
     g = torch.Generator().manual_seed(6)
@@ -170,13 +188,141 @@ def test_gradient_matches_autograd_reference_also_at_ties(distance):
     up = torch.rand(x.shape, generator=g, dtype=torch.float64)
     for window in ("circle", "square"):
         a = x.clone().requires_grad_()
-        out = bilateral_filter(a, 5, 0.4, 1.5, distance, window)
+        out = bilateral_filter(a, 5, 0.4, 1.5, distance, window, backend=backend)
         (ga,) = torch.autograd.grad(out, a, up)
         b = x.clone().requires_grad_()
         ref = naive_bilateral(b, 5, 0.4, 1.5, distance, window)
         (gb,) = torch.autograd.grad(ref, b, up)
         assert torch.allclose(out, ref, atol=1e-12)
         assert torch.isfinite(ga).all() and torch.allclose(ga, gb, atol=1e-10), float((ga - gb).abs().max())
+
+
+# ------------------------------------------------------------------ the fused CPU kernel (Numba)
+needs_numba = pytest.mark.skipif(not numba_available(), reason="numba not installed")
+
+
+def _vjp(x, g, **kw):
+    a = x.clone().requires_grad_()
+    out = bilateral_filter(a, **kw)
+    (ga,) = torch.autograd.grad(out, a, g)
+    return out, ga
+
+
+def _close(a, b, rtol, atol_scale):
+    """Tolerance relative to the reference's magnitude: float reduction order may differ by CPU."""
+    return torch.allclose(a, b, rtol=rtol, atol=atol_scale * max(1.0, float(b.detach().abs().max())))
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype,rtol,atol", [(torch.float32, 1e-4, 2e-5), (torch.float64, 1e-9, 1e-11)])
+@pytest.mark.parametrize("distance", ["l1", "l2"])
+@pytest.mark.parametrize("window", ["circle", "square"])
+def test_fused_path_equals_torch_path(dtype, rtol, atol, distance, window):
+    """Forward and vector-Jacobian product of the fused kernel against the PyTorch tap loop, over
+    channel counts (1 and 3 have fused float32 loops, 2 and 4 the generic ones), window sizes
+    (k = 1, radius wider than the image: periodic reflect-101), per-sample sigmas and a batch
+    large enough to run on several threads."""
+    g = torch.Generator().manual_seed(11)
+    cases = [((2, 3, 17, 23), 5), ((3, 1, 9, 12), 7), ((2, 2, 8, 6), 3), ((1, 4, 5, 5), 5),
+             ((2, 3, 3, 4), 9), ((1, 3, 1, 1), 5), ((2, 3, 6, 7), 1), ((16, 3, 20, 20), 5), ((1, 3, 40, 64), 9)]
+    for shape, k in cases:
+        x = torch.rand(shape, generator=g, dtype=dtype)
+        up = torch.randn(shape, generator=g, dtype=dtype)
+        sc = torch.rand(shape[0], generator=g, dtype=torch.float64) * 0.4 + 0.05
+        for sigma_color in (0.15, sc):
+            kw = dict(kernel_size=k, sigma_color=sigma_color, sigma_space=1.3, distance=distance, window=window)
+            out_n, g_n = _vjp(x, up, backend="numba", **kw)
+            out_t, g_t = _vjp(x, up, backend="torch", **kw)
+            assert out_n.dtype == dtype and g_n.dtype == dtype
+            assert _close(out_n, out_t, rtol, atol), (shape, k, float((out_n - out_t).abs().max()))
+            assert _close(g_n, g_t, rtol, atol), (shape, k, float((g_n - g_t).abs().max()))
+
+
+@needs_numba
+def test_fused_path_iterations_and_layouts():
+    """Iterated filtering, a channels-last (non-contiguous) input and a sliced view give the
+    same values and gradients as the PyTorch path."""
+    g = torch.Generator().manual_seed(12)
+    x = torch.rand(4, 3, 24, 20, generator=g)
+    up = torch.randn(4, 3, 24, 20, generator=g)
+    for inp in (x, x.contiguous(memory_format=torch.channels_last), torch.rand(4, 3, 24, 40, generator=g)[..., ::2]):
+        kw = dict(kernel_size=5, sigma_color=0.2, sigma_space=1.5, iterations=3)
+        out_n, g_n = _vjp(inp, up, backend="numba", **kw)
+        out_t, g_t = _vjp(inp, up, backend="torch", **kw)
+        assert _close(out_n, out_t, 1e-4, 2e-5) and _close(g_n, g_t, 1e-4, 2e-5)
+
+
+@needs_numba
+def test_auto_backend_picks_fused_kernel_on_cpu(monkeypatch):
+    from robustkit.preprocessing.kernels import bilateral_numba, dispatch
+
+    calls = []
+    real = bilateral_numba.bilateral_filter_numba
+    monkeypatch.setattr(bilateral_numba, "bilateral_filter_numba", lambda *a, **k: calls.append("numba") or real(*a, **k))
+    monkeypatch.setattr(dispatch, "bilateral_filter_torch", lambda *a, **k: pytest.fail("auto used the torch path on CPU"))
+    x = torch.rand(1, 3, 8, 8)
+    bilateral_filter(x, 5, 0.1, 1.5)
+    bilateral_filter(x.double(), 5, 0.1, 1.5, iterations=2)
+    assert calls == ["numba"] * 3
+
+
+def test_falls_back_to_torch_path_without_numba(monkeypatch):
+    """Where Numba is missing, 'auto' runs the PyTorch path and 'numba' says what to install."""
+    from robustkit.preprocessing.kernels import bilateral_numba, dispatch
+
+    monkeypatch.setattr(bilateral_numba, "available", lambda: False)
+    monkeypatch.setattr(bilateral_numba, "NUMBA_ERROR", "ModuleNotFoundError: No module named 'numba'")
+    calls = []
+    real = dispatch.bilateral_filter_torch
+    monkeypatch.setattr(dispatch, "bilateral_filter_torch", lambda *a, **k: calls.append("torch") or real(*a, **k))
+    x = torch.rand(1, 3, 8, 8)
+    ref = cv2_filter(x, 5, 0.1, 1.5)
+    assert torch.allclose(bilateral_filter(x, 5, 0.1, 1.5), ref, atol=1e-4)
+    assert calls == ["torch"]
+    with pytest.raises(InputError, match="pip install numba"):
+        bilateral_filter(x, 5, 0.1, 1.5, backend="numba")
+
+
+def test_numba_backend_needs_a_cpu_tensor():
+    with pytest.raises(InputError, match="CPU tensors"):
+        bilateral_filter(torch.rand(1, 3, 8, 8, device="meta"), 5, 0.1, 1.5, backend="numba")
+
+
+@needs_numba
+def test_fused_kernel_thread_count_and_concurrent_callers():
+    """The result does not depend on the number of threads, and calls from several Python
+    threads at once (e.g. data-loading threads) are safe."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    x = torch.rand(32, 3, 32, 32, generator=torch.Generator().manual_seed(13))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = bilateral_filter(x, 5, 0.1, 1.5)
+        torch.set_num_threads(max(2, before))
+        many = bilateral_filter(x, 5, 0.1, 1.5)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.allclose(one, many, atol=1e-6)
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda i: bilateral_filter(x[i * 8 : (i + 1) * 8], 5, 0.1, 1.5), range(4)))
+    assert torch.allclose(torch.cat(outs), one, atol=1e-6)
+
+
+@needs_numba
+def test_fused_kernel_scratch_does_not_grow_with_window_area():
+    """Per-thread scratch is the padded gradient (N*C*(H+2r)*(W+2r)); the kernels keep only
+    row-block buffers besides: no K^2 factor."""
+    from robustkit.preprocessing.kernels import bilateral_numba
+
+    x = torch.rand(4, 3, 32, 32, requires_grad=True)
+    sizes = {}
+    for k in (3, 9):
+        bilateral_numba.release_buffers()
+        bilateral_filter(x, k, 0.1, 2.0, window="square", backend="numba").sum().backward()
+        sizes[k] = sum(b.numel() for b in bilateral_numba._WORKSPACE.buffers.values())
+    assert 0 < sizes[9] < 1.5 * sizes[3], sizes
+    assert sizes[9] < 2 * x.numel(), sizes
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,5 @@
-"""Public bilateral-filter API: validation and dispatch between the PyTorch and Triton paths."""
+"""Public bilateral-filter API: validation and dispatch between the fused CPU kernel (Numba),
+the Triton kernel (CUDA) and the PyTorch tap loop (any device, the fallback)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from .bilateral_torch import bilateral_filter_torch
 
 DISTANCES = ("l1", "l2")
 WINDOWS = ("circle", "square")
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "numba", "torch", "triton")
 
 
 def _check_sigma(sigma: float | torch.Tensor, name: str, x: torch.Tensor) -> float | torch.Tensor:
@@ -49,6 +50,15 @@ def triton_available(x: torch.Tensor | None = None) -> bool:
     return True
 
 
+def numba_available(x: torch.Tensor | None = None) -> bool:
+    """Whether the fused CPU kernel can run (Numba importable; a float32/float64 CPU tensor)."""
+    if x is not None and (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64)):
+        return False
+    from . import bilateral_numba
+
+    return bilateral_numba.available()
+
+
 def bilateral_filter(
     x: torch.Tensor,
     kernel_size: int = 5,
@@ -71,7 +81,8 @@ def bilateral_filter(
             or ``"l2"`` (Euclidean).
         window: ``"circle"`` (taps with dy^2 + dx^2 <= r^2, as OpenCV) or ``"square"`` (as kornia).
         iterations: apply the filter this many times (the paper's iterated filtering).
-        backend: ``"auto"`` (Triton on CUDA when available, else PyTorch), ``"torch"`` or ``"triton"``.
+        backend: ``"auto"`` (the fused Numba kernel on CPU, Triton on CUDA, each when available,
+            else the PyTorch tap loop), ``"numba"``, ``"torch"`` or ``"triton"``.
 
     Borders are reflect-101 (OpenCV's default, ``torch``'s ``"reflect"``). The gradient is
     exact (weights depend on the centre and the neighbour); sigmas get no gradient.
@@ -98,8 +109,19 @@ def bilateral_filter(
         raise InputError(f"backend must be one of {BACKENDS}, got {backend!r}")
     sc = _check_sigma(sigma_color, "sigma_color", x)
     ss = _check_sigma(sigma_space, "sigma_space", x)
-    use_triton = backend == "triton" or (backend == "auto" and x.device.type == "cuda" and triton_available(x))
-    if use_triton:
+    if backend == "numba" and not numba_available(x):
+        from . import bilateral_numba
+
+        if x.device.type != "cpu":
+            raise InputError(f"backend='numba' runs on CPU tensors; x is on {x.device} (use 'auto', 'triton' or 'torch')")
+        if not bilateral_numba.available():
+            raise InputError(f"backend='numba' needs the numba package ({bilateral_numba.NUMBA_ERROR}); "
+                             "pip install numba, or use backend='torch'")
+    use_numba = backend == "numba" or (backend == "auto" and x.device.type == "cpu" and numba_available(x))
+    use_triton = not use_numba and (backend == "triton" or (backend == "auto" and x.device.type == "cuda" and triton_available(x)))
+    if use_numba:
+        from .bilateral_numba import bilateral_filter_numba as step
+    elif use_triton:
         if x.device.type != "cuda" and not _interpreting():
             raise InputError("backend='triton' needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU debugging)")
         from .bilateral_triton import bilateral_filter_triton as step
