@@ -234,7 +234,7 @@ def _ddp(model: nn.Module, device: torch.device, scale: dict[str, float]) -> nn.
 
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    def weighted_allreduce(state: dict[str, float], bucket: Any) -> torch.futures.Future:
+    def weighted_allreduce(state, bucket):  # no annotations: DDP checks them against dist.GradBucket
         buf = bucket.buffer()
         buf.mul_(state["local"])  # local mean -> this process's share of the global mean
         return dist.all_reduce(buf, async_op=True).get_future().then(lambda fut: fut.value()[0])
