@@ -89,9 +89,11 @@ def main(argv=None) -> int:
                    "seconds": sec}
             if "layer" in result.details:
                 row["layer"] = result.details["layer"]
+            row["collapsed"] = result.collapsed  # held-out clean accuracy fell past the repair's max_acc_drop
             rows.append(row)
             curves[aname][dname] = result.history
             extra = f"  ({row['layer']})" if "layer" in row else ""
+            extra += "  COLLAPSED" if result.collapsed else ""
             print(f"{aname:8} {dname:17} {100 * after.acc:6.1f} {100 * after.asr:6.1f} {100 * after.ra:6.1f} {100 * der:6.1f} {sec:6.1f}{extra}", flush=True)
 
     print()

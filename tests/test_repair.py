@@ -293,7 +293,11 @@ def test_skip_suppression_end_to_end(backdoored, digits16):
     d = res.details
     names = [s.name for s in find_skip_connections(model)]
     assert set(d["sweep"]) == set(names) and all(len(v) == 11 for v in d["sweep"].values())
-    assert d["layer"] == max(d["scores"], key=d["scores"].get)
+    admissible = {n: v for n, v in d["scores"].items() if n not in d["excluded"]}
+    assert d["layer"] == max(admissible, key=admissible.get)
+    for name, acc in d["excluded"].items():  # excluded: suppression cost more than the bound
+        assert d["surrogate_acc"] - acc > d["sweep_max_acc_drop"] and d["sweep_acc"][name][0] == acc
+    assert not res.collapsed and d["holdout_acc_before"] - d["holdout_acc_after"] <= d["max_acc_drop"]
     assert d["surrogate_asr"] > 0.5, "the surrogate trigger was not implanted"
     assert res.model.skip_scaling == {d["layer"]: 0.0}
     assert not getattr(model, "skip_scaling", None) and _no_hooks(model)
@@ -333,3 +337,117 @@ def test_repair_step_and_cli(tmp_path, digits16):
     wrong = dict(cfg, steps=[{"repair": {"defense": {"name": "ft_sam", "rho": -1}}}])
     (tmp_path / "wrong.yaml").write_text(yaml.safe_dump(wrong))
     assert main(["repair", str(tmp_path / "wrong.yaml"), "--dry-run"]) == 2
+
+
+# --------------------------------------------------------------------------- collapse guard (#12)
+def test_split_clean_holds_out_disjoint_class_balanced_images(digits16):
+    from robustkit.repair.guard import split_clean
+
+    split = split_clean(digits16.train, 0.05, 0.1, seed=3)
+    ref = class_balanced_subset(digits16.train, 0.05, seed=3)
+    assert torch.equal(split.train.images, ref.images) and torch.equal(split.train.labels, ref.labels)
+    train_rows = {r.numpy().tobytes() for r in split.train.images.flatten(1)}
+    assert not any(r.numpy().tobytes() in train_rows for r in split.holdout.images.flatten(1))
+    y_all = torch.as_tensor([int(digits16.train[i][1]) for i in range(len(digits16.train))])
+    for c in range(10):
+        assert int((split.holdout.labels == c).sum()) == round(0.1 * int((y_all == c).sum()))
+    assert split.holdout_source.startswith("clean data outside")
+    whole = split_clean(digits16.train, 1.0, 0.1, seed=0)  # nothing left over: carved out of the training share
+    assert len(whole.train) + len(whole.holdout) == len(digits16.train) and whole.holdout_source.startswith("part of")
+    with pytest.raises(InputError, match="holdout_ratio"):
+        split_clean(digits16.train, 0.05, 0.0)
+    with pytest.raises(InputError, match="max_acc_drop"):
+        FineTune(max_acc_drop=5)
+    with pytest.raises(InputError, match="sweep_max_acc_drop"):
+        SkipSuppression(sweep_max_acc_drop=-0.1)
+
+
+def test_collapsed_finetune_is_flagged_with_a_warning(backdoored, digits16):
+    """A fine-tuning that destroys the model (weight decay 5 shrinks every weight to ~0) must say so:
+    flag, warning, both accuracies."""
+    model, _, _ = backdoored
+    with pytest.warns(RuntimeWarning, match=r"held-out clean images fell from .* max_acc_drop=0.1"):
+        res = FineTune(epochs=3, lr=0.1, weight_decay=5.0, batch_size=32).repair(model, digits16.train, progress=False)
+    d = res.details
+    assert res.collapsed and d["collapsed"]
+    assert d["holdout_samples"] == 68 and d["max_acc_drop"] == 0.1
+    assert d["holdout_acc_before"] > 0.9 and d["holdout_acc_before"] - d["holdout_acc_after"] > 0.1
+    assert {"holdout_acc_before", "holdout_acc_after", "collapsed"} <= set(d.summary())
+
+
+def test_skip_suppression_collapse_is_flagged(backdoored, digits16):
+    model, _, _ = backdoored
+    rep = SkipSuppression(layer="layer1.0", epochs=3, lr=0.1, weight_decay=5.0, batch_size=32, clean_ratio=0.1)
+    with pytest.warns(RuntimeWarning, match="SkipSuppression: the repaired model's clean accuracy"):
+        res = rep.repair(model, digits16.train, progress=False)
+    assert res.collapsed and res.details["holdout_acc_after"] < res.details["holdout_acc_before"] - 0.1
+
+
+def _hand_built_resnet(blocks: str):
+    """Stem -> torchvision BasicBlocks -> mean pool -> linear, set by hand for 2 classes of 8x8 images.
+
+    Stem channels: the pixel, a detector of the surrogate's 3x3 checkerboard at the top-left, a
+    constant 1. Class 1 = mean brightness, class 0 = 0.45 + 200 * detector: dark images are 0,
+    bright ones 1, the checkerboard makes anything 0 (a perfect backdoor). Block ``"i"``:
+    identity residual (``F(x) = x``: out = (1 + gamma) x, argmax unchanged, suppressing it is
+    harmless); block ``"s"``: zero residual (out = gamma x: at gamma 0 every logit is 0 and the
+    model predicts class 0 for everything, a collapse).
+    """
+    from torchvision.models.resnet import BasicBlock
+
+    pattern = torch.tensor([[1.0, 0, 1], [0, 1, 0], [1, 0, 1]])
+    stem = nn.Conv2d(1, 3, 3, padding=1)
+    head = nn.Linear(3, 2, bias=False)
+    with torch.no_grad():
+        stem.weight.zero_()
+        stem.weight[0, 0, 1, 1] = 1.0
+        stem.weight[1, 0] = 2 * pattern - 1
+        stem.bias.copy_(torch.tensor([0.0, -(float(pattern.sum()) - 0.5), 1.0]))
+        head.weight.copy_(torch.tensor([[0.0, 200.0, 0.45], [1.0, 0.0, 0.0]]))
+    layers = [stem, nn.ReLU()]
+    for kind in blocks:
+        blk = BasicBlock(3, 3)
+        with torch.no_grad():
+            for conv in (blk.conv1, blk.conv2):
+                conv.weight.zero_()
+                if kind == "i":
+                    for c in range(3):
+                        conv.weight[c, c, 1, 1] = 1.0
+        for bn in (blk.bn1, blk.bn2):
+            bn.momentum = 0.0  # the surrogate's fine-tuning must not move the hand-set statistics
+        layers.append(blk)
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), head]
+    return nn.Sequential(*layers).eval()
+
+
+def _brightness_data(n: int = 200):
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(2 * n) % 2
+    level = torch.where(y == 0, 0.1 + 0.2 * torch.rand(2 * n, generator=g), 0.6 + 0.3 * torch.rand(2 * n, generator=g))
+    x = (level.view(-1, 1, 1, 1) + 0.05 * torch.rand(2 * n, 1, 8, 8, generator=g)).clamp(0, 1)
+    return ArrayDataset(x, y)
+
+
+def test_sweep_excludes_a_skip_whose_suppression_kills_the_model():
+    from robustkit.eval.metrics import accuracy
+
+    data = _brightness_data()
+    model = _hand_built_resnet("si")  # block "2" (zero residual) collapses at gamma 0, block "3" is harmless
+    assert accuracy(model, data) == 1.0
+    rep = SkipSuppression(probe_epochs=1, probe_lr=1e-9, holdout_ratio=0.25)
+    names = [s.name for s in find_skip_connections(model)]
+    assert names == ["2", "3"]
+    # without the bound the paper's score picks the collapsing block: its excess ASR jumps 0 -> 1
+    loose = SkipSuppression(probe_epochs=1, probe_lr=1e-9, holdout_ratio=0.25, sweep_max_acc_drop=1.0)
+    free = loose.select_layer(model, data, progress=False)
+    assert free["layer"] == "2" and free["helpful"] and not free["excluded"] and free["scores"]["2"] == pytest.approx(1.0) and free["scores"]["3"] == 0.0
+    with pytest.warns(RuntimeWarning, match="no admissible skip connection lowered"):
+        sel = rep.select_layer(model, data, progress=False)
+    assert sel["layer"] == "3" and set(sel["excluded"]) == {"2"} and not sel["helpful"]
+    assert sel["surrogate_acc"] == 1.0 and sel["sweep_acc"]["2"][0] == 0.5 and sel["sweep_acc"]["2"][1:] == [1.0] * 10
+    assert sel["sweep_acc"]["3"] == [1.0] * 11
+    # every skip collapses: a RobustkitError naming the numbers instead of a dead model
+    from robustkit.errors import RobustkitError
+
+    with pytest.raises(RobustkitError, match=r"every skip connection collapses .*\(2 50\.0%, 3 50\.0%\)"):
+        rep.select_layer(_hand_built_resnet("ss"), data, progress=False)

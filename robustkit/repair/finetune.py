@@ -15,6 +15,9 @@
 Both take the whole clean set the defender holds and use a class-balanced ``clean_ratio``
 share of it (default 5%, the papers' setting); both return a new model and a per-epoch
 history (loss, train accuracy, and ACC / ASR / RA when test data and the attack are given).
+A further ``holdout_ratio`` share (default 5%), never trained on, guards against collapse: a
+held-out clean-accuracy drop above ``max_acc_drop`` (default 0.10) sets
+``RepairResult.collapsed`` and warns (:mod:`robustkit.repair.guard`).
 """
 
 from __future__ import annotations
@@ -29,10 +32,10 @@ from torch.utils.data import Dataset
 
 from ..backdoor.metrics import backdoor_monitor
 from ..base import ModelRepair, RepairResult, ResultDetails
-from ..data.sampling import class_balanced_subset
 from ..errors import InputError
 from ..registry import REPAIRS
 from ..training import Monitor, PlainStep, SAMStep, fit
+from .guard import HOLDOUT_RATIO, MAX_ACC_DROP, check_bound, check_collapse, check_ratio, clean_accuracy, split_clean
 
 
 # --------------------------------------------------------------------------- loop
@@ -71,10 +74,16 @@ def finetune_loop(
 # --------------------------------------------------------------------------- defenses
 @dataclass
 class FineTuneDetails(ResultDetails):
-    """What :class:`FineTune` / :class:`FTSAM` used: the clean subset's size and steps per epoch."""
+    """What :class:`FineTune` / :class:`FTSAM` used (the clean subset's size, steps per epoch) and the
+    collapse guard: clean accuracy on the held-out clean split before and after, the bound, the verdict."""
 
     clean_samples: int
     steps_per_epoch: int
+    holdout_samples: int = 0
+    holdout_acc_before: float | None = None
+    holdout_acc_after: float | None = None
+    max_acc_drop: float | None = None
+    collapsed: bool = False
 
 
 class _FineTuneRepair(ModelRepair):
@@ -84,7 +93,8 @@ class _FineTuneRepair(ModelRepair):
 
     def __init__(self, epochs: int = 100, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4,
                  batch_size: int = 256, label_smoothing: float = 0.0, clean_ratio: float = 0.05,
-                 schedule: str = "cosine", eval_every: int = 1, seed: int = 0):
+                 schedule: str = "cosine", eval_every: int = 1, seed: int = 0, *,
+                 max_acc_drop: float = MAX_ACC_DROP, holdout_ratio: float = HOLDOUT_RATIO):
         if not 0 < clean_ratio <= 1:
             raise InputError(f"clean_ratio must be in (0, 1], got {clean_ratio!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -92,6 +102,8 @@ class _FineTuneRepair(ModelRepair):
         self.epochs, self.lr, self.momentum, self.weight_decay = epochs, float(lr), float(momentum), float(weight_decay)
         self.batch_size, self.label_smoothing, self.clean_ratio = batch_size, float(label_smoothing), float(clean_ratio)
         self.schedule, self.eval_every, self.seed = schedule, int(eval_every), int(seed)
+        self.max_acc_drop = check_bound(max_acc_drop, "max_acc_drop")
+        self.holdout_ratio = check_ratio(holdout_ratio, "holdout_ratio")
 
     def _sam(self) -> dict[str, Any] | None:
         return None
@@ -104,10 +116,16 @@ class _FineTuneRepair(ModelRepair):
         ``clean_data`` is all the clean data the defender holds; a class-balanced
         ``clean_ratio`` share is used. With ``test_data`` (and ``backdoor``, the attack whose
         trigger is measured) the history holds ACC (and ASR / RA) before and after each epoch.
+
+        Collapse guard (:mod:`robustkit.repair.guard`): a further class-balanced ``holdout_ratio``
+        share of ``clean_data``, never trained on, measures clean accuracy before and after; a drop
+        of more than ``max_acc_drop`` sets ``RepairResult.collapsed`` and warns (``RuntimeWarning``).
         """
         if not isinstance(model, nn.Module):
             raise InputError(f"model must be an nn.Module, got {type(model).__name__}")
-        subset = class_balanced_subset(clean_data, self.clean_ratio, self.seed)
+        split = split_clean(clean_data, self.clean_ratio, self.holdout_ratio, self.seed)
+        subset = split.train
+        acc_before = clean_accuracy(model, split.holdout)
         net = model if inplace else copy.deepcopy(model)
         monitor = backdoor_monitor(test_data, backdoor, num_classes)
         history = finetune_loop(
@@ -116,8 +134,10 @@ class _FineTuneRepair(ModelRepair):
             sam=self._sam(), monitor=monitor, eval_every=self.eval_every, seed=self.seed, progress=progress,
             desc=type(self).__name__,
         )
-        details = FineTuneDetails(len(subset), math.ceil(len(subset) / self.batch_size))
-        return RepairResult(net, history, details)
+        check = check_collapse(type(self).__name__, acc_before, net, split.holdout, self.max_acc_drop)
+        details = FineTuneDetails(len(subset), math.ceil(len(subset) / self.batch_size), check.samples,
+                                  check.acc_before, check.acc_after, self.max_acc_drop, check.collapsed)
+        return RepairResult(net, history, details, collapsed=check.collapsed)
 
     def __repr__(self) -> str:
         keys = ("epochs", "lr", "batch_size", "label_smoothing", "clean_ratio")
@@ -151,9 +171,10 @@ class FTSAM(_FineTuneRepair):
     def __init__(self, rho: float = 2.0, eta: float = 0.01, adaptive: bool = True, epochs: int = 100,
                  lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4, batch_size: int = 256,
                  label_smoothing: float = 0.1, clean_ratio: float = 0.05, schedule: str = "cosine",
-                 eval_every: int = 1, seed: int = 0):
+                 eval_every: int = 1, seed: int = 0, *, max_acc_drop: float = MAX_ACC_DROP,
+                 holdout_ratio: float = HOLDOUT_RATIO):
         super().__init__(epochs, lr, momentum, weight_decay, batch_size, label_smoothing, clean_ratio, schedule,
-                         eval_every, seed)
+                         eval_every, seed, max_acc_drop=max_acc_drop, holdout_ratio=holdout_ratio)
         if not rho > 0:
             raise InputError(f"rho must be > 0, got {rho!r}")
         if eta < 0:

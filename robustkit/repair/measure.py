@@ -25,12 +25,25 @@ class RepairOutcome:
     der: float | None = None
 
     def table(self) -> list[dict[str, Any]]:
-        """Before / after rows (ACC, ASR, RA, DER) for a report."""
+        """Before / after rows (ACC, ASR, RA, DER, and whether the repair collapsed the model) for a report."""
         if self.before is None or self.after is None:
             return []
         b, a = self.before, self.after
         return [{"model": "before", "acc": b.acc, "asr": b.asr, "ra": b.ra},
-                {"model": f"after {self.name}", "acc": a.acc, "asr": a.asr, "ra": a.ra, "der": self.der}]
+                {"model": f"after {self.name}", "acc": a.acc, "asr": a.asr, "ra": a.ra, "der": self.der,
+                 "collapsed": self.result.collapsed}]
+
+    @property
+    def warnings(self) -> list[str]:
+        """Loud report lines: a collapsed repair (held-out clean accuracy fell past its bound)."""
+        if not self.result.collapsed:
+            return []
+        d = self.result.details
+        before, after = d.get("holdout_acc_before"), d.get("holdout_acc_after")
+        numbers = (f" from {before:.1%} to {after:.1%} on {d.get('holdout_samples')} held-out clean images"
+                   if before is not None and after is not None else "")
+        return [f"WARNING: {self.name} collapsed the model: clean accuracy fell{numbers}, more than "
+                f"max_acc_drop={d.get('max_acc_drop')}; do not use the repaired model"]
 
 
 def repair_and_measure(
