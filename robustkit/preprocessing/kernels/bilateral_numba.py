@@ -124,55 +124,59 @@ if numba is not None:
             return lambda t, lo: math.exp(max(t, lo) * LN2)
         return None
 
+    # Indexing note: numba wraps negative indices around, and an index ``offset + j`` with a
+    # signed runtime offset keeps that check in the loop and blocks vectorization (6x slower
+    # copies here). Offsets are therefore unsigned (np.uintp) wherever a loop adds them.
     @njit(nogil=True)
     def _load_rows(x, n, i0, i1, iy, ix, xl):
-        """Reflect-101 padded rows ``i0 <= i < i1`` of sample n into the flat local buffer
+        """Reflect-101 padded rows ``i0 <= i < i1`` of sample n into the local buffer
         ``xl[c, (i - i0) * Wp + j] = x[n, c, iy[i], ix[j]]``."""
         C, W = x.shape[1], x.shape[3]
         Wp = ix.shape[0]
         r = (Wp - W) // 2
+        uW, ur, uWp = np.uintp(W), np.uintp(r), np.uintp(Wp)
         for c in range(C):
+            xc = x[n, c]
+            lc = xl[c]
             for i in range(i0, i1):
-                src = x[n, c, iy[i]]
-                dst = xl[c, (i - i0) * Wp : (i - i0 + 1) * Wp]
-                for j in range(W):  # inside columns: ix[r + j] = j
-                    dst[r + j] = src[j]
-                for j in range(r):
-                    dst[j] = src[ix[j]]
-                    dst[r + W + j] = src[ix[r + W + j]]
+                src = xc[iy[i]]
+                o = np.uintp(i - i0) * uWp
+                for j in range(uW):  # inside columns: ix[r + j] = j
+                    lc[o + ur + j] = src[j]
+                for j in range(ur):
+                    lc[o + j] = src[ix[j]]
+                    lc[o + ur + uW + j] = src[ix[ur + uW + j]]
 
     @njit(nogil=True, fastmath=_FASTMATH)
     def _load_grad_rows(g, inv_den, out, n, i0, i1, r2, Gl, bl):
         """Rows ``i0 <= i < i1`` of the 2r-padded grids ``G = g/D`` and ``b = sum_c G out``
-        (zero outside the image) into flat local buffers."""
+        (zero outside the image) into the local buffers ``Gl`` (C x rows*Wq) and ``bl``."""
         C, H, W = g.shape[1], g.shape[2], g.shape[3]
         Wq = W + 2 * r2
+        uW, ur, uWq = np.uintp(W), np.uintp(r2), np.uintp(Wq)
         for i in range(i0, i1):
             y = i - r2
-            lb = (i - i0) * Wq
-            brow = bl[lb : lb + Wq]
-            for j in range(Wq):
-                brow[j] = 0
+            lb = np.uintp(i - i0) * uWq
+            for j in range(uWq):
+                bl[lb + j] = 0
             if y < 0 or y >= H:
                 for c in range(C):
-                    Grow = Gl[c, lb : lb + Wq]
-                    for j in range(Wq):
-                        Grow[j] = 0
+                    Gc = Gl[c]
+                    for j in range(uWq):
+                        Gc[lb + j] = 0
                 continue
             idr = inv_den[n, 0, y]
-            bi = brow[r2 : r2 + W]
             for c in range(C):
                 grow = g[n, c, y]
                 orow = out[n, c, y]
-                Grow = Gl[c, lb : lb + Wq]
-                for j in range(r2):
-                    Grow[j] = 0
-                    Grow[r2 + W + j] = 0
-                Gi = Grow[r2 : r2 + W]
-                for j in range(W):
+                Gc = Gl[c]
+                for j in range(ur):
+                    Gc[lb + j] = 0
+                    Gc[lb + ur + uW + j] = 0
+                for j in range(uW):
                     v = grow[j] * idr[j]
-                    Gi[j] = v
-                    bi[j] += v * orow[j]
+                    Gc[lb + ur + j] = v
+                    bl[lb + ur + j] += v * orow[j]
 
     # ---------------------------------------------------------- forward, one pair of taps
     # A half offset o > 0 (flat) stands for the taps +o and -o: the pair weights
@@ -296,6 +300,7 @@ if numba is not None:
         low = consts[0]
         one = consts[1]
         base = r * Wp + r  # output row y0, column 0 in the local padded rows
+        uW, uWp = np.uintp(W), np.uintp(Wp)
         for it in range(lo, hi):
             n = it // blocks
             y0 = (it % blocks) * rows
@@ -314,15 +319,17 @@ if numba is not None:
             for t in range(T):
                 o = offs[t]
                 _fwd_pair(xl, base - o, o, L + o, L, k2, sp[n, t], low, l1, acc, wb)
+            for i in range(L):
+                den[i] = one / den[i]
             for y in range(y0, y1):
-                rb = (y - y0) * Wp
+                rb = np.uintp(y - y0) * uWp
                 idr = inv_den[n, 0, y]
-                for j in range(W):
-                    idr[j] = one / den[rb + j]
+                for j in range(uW):
+                    idr[j] = den[rb + j]
                 for c in range(C):
                     a = acc[c]
                     orow = out[n, c, y]
-                    for j in range(W):
+                    for j in range(uW):
                         orow[j] = a[rb + j] * idr[j]
 
     # ---------------------------------------------------------- backward
@@ -475,6 +482,7 @@ if numba is not None:
         low = consts[0]
         zero = consts[2]
         base = r * Wq + r  # r-padded row z0, column 0 in the local 2r-padded rows
+        uWq, uWr = np.uintp(Wq), np.uintp(Wr)
         for it in range(lo, hi):
             n = it // blocks
             z0 = (it % blocks) * rows
@@ -493,11 +501,11 @@ if numba is not None:
                 o = offs[t]
                 _bwd_pair(xl, Gl, bl, base - o, o, L + o, L, k2, sp[n, t], c2, low, zero, l1, acc, wb, tb)
             for z in range(z0, z1):
-                rb = (z - z0) * Wq
+                rb = np.uintp(z - z0) * uWq
                 for c in range(C):
                     a = acc[c]
                     orow = gpad[n, c, z]
-                    for j in range(Wr):
+                    for j in range(uWr):
                         orow[j] = a[rb + j]
 
     @njit(nogil=True, cache=True)
@@ -510,18 +518,19 @@ if numba is not None:
             c = it % C
             gp = gpad[n, c]
             gi = grad[n, c]
+            ur = np.uintp(r)
             for y in range(H):
                 src = gp[y + r]
                 dst = gi[y]
-                for j in range(W):
-                    dst[j] = src[j + r]
+                for j in range(np.uintp(W)):
+                    dst[j] = src[j + ur]
             for z in range(Hr):
                 src = gp[z]
                 dst = gi[iy[z]]
                 if r <= z < r + H:  # an image row: only its border columns fold
-                    for j in range(r):
+                    for j in range(ur):
                         dst[ix[j]] += src[j]
-                        dst[ix[r + W + j]] += src[r + W + j]
+                        dst[ix[ur + W + j]] += src[ur + W + j]
                 else:
                     for j in range(Wr):
                         dst[ix[j]] += src[j]
