@@ -252,3 +252,16 @@ def test_max_radius_formula():
     assert clopper_pearson_lower(40, 40, 0.001) == pytest.approx(p)
     assert certified_radius(p, 1.0) == pytest.approx(1.0, abs=1e-3)
     assert math.isfinite(certified_radius(clopper_pearson_lower(10**6, 10**6, 0.001), 0.5))
+
+
+def test_shipped_certify_configs_validate():
+    from pathlib import Path
+
+    from robustkit.pipeline import load_config, validate_config
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    files = sorted(root.glob("certify_*.yaml"))
+    assert files
+    for f in files:
+        cfg = validate_config(load_config(f))
+        assert any("certify" in s for s in cfg["steps"])
