@@ -79,7 +79,8 @@ def run(
     if "model" in cfg:
         ctx.model = build_model(cfg["model"], ctx.data).to(device)
         n_params = sum(p.numel() for p in ctx.model.parameters())
-        say(f"model: {cfg['model']['name']} ({n_params / 1e6:.2f} M parameters) on {device}")
+        loaded = f", weights from {cfg['model']['checkpoint']}" if cfg["model"].get("checkpoint") else ""
+        say(f"model: {cfg['model']['name']} ({n_params / 1e6:.2f} M parameters) on {device}{loaded}")
     for i, step in enumerate(cfg["steps"]):
         (name, params), = step.items()
         say(f"step {i + 1}/{len(cfg['steps'])}: {name}")
