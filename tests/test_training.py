@@ -365,3 +365,14 @@ def test_step_arguments_are_checked():
         fit(_cnn(), [(torch.rand(1, 16, 16), 0)] * 4, PlainStep(), epochs=1, progress=False, distributed=True)
     with pytest.raises(DataNotFoundError):
         robustkit.models.load_weights(_cnn(), "/nonexistent/weights.pt")
+
+
+def test_shipped_adversarial_training_configs_validate():
+    from pathlib import Path
+
+    files = sorted((Path(__file__).resolve().parents[1] / "configs").glob("adv_train*.yaml"))
+    assert files
+    for f in files:
+        cfg = robustkit.load_config(f)
+        train = next(s["train"] for s in cfg["steps"] if "train" in s)
+        assert check_adversarial(train["adversarial"]) is not None
