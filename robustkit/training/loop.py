@@ -232,7 +232,8 @@ def _ddp(model: nn.Module, device: torch.device, scale: dict[str, float]) -> nn.
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
+    ddp = DistributedDataParallel(model, device_ids=ids)
 
     def weighted_allreduce(state, bucket):  # no annotations: DDP checks them against dist.GradBucket
         buf = bucket.buffer()
