@@ -224,6 +224,8 @@ def test_certify_step_end_to_end(tmp_path):
     assert summary["noise"]["n"] == 40 and summary["noise"]["alpha"] == 0.001
     assert 0.0 <= summary["noise"]["abstention"] <= 1.0
     assert summary["noise"]["max radius"] == pytest.approx(0.25 * 0.990, abs=0.05)  # sigma * Phi^-1(0.001^(1/40))
+    # n = 40 draws cannot certify 0.5 at sigma 0.25: the report says the zero there is by construction
+    assert any("0 by construction" in note and "0.5" in note for note in report.notes)
     assert "noise/certified_accuracy@0.25" in report.metrics and "noise/attack_accuracy@0.5" in report.metrics
     saved = json.loads((out / "report.json").read_text())
     assert any(t["title"] == "Certification summary" for t in saved["tables"])

@@ -127,6 +127,12 @@ def certify(ctx: Context, /, defenses: list | None = None, n0: int = 100, n: int
             ctx.report.metrics[f"{d.label}/smoothed_accuracy"] = pred.accuracy
         row["seconds"] = round(res.seconds, 1)
         summary.append(row)
+        beyond = [r for r in rs if r > row["max radius"]]
+        if beyond:
+            ctx.report.notes.append(
+                f"'{d.label}': with n={n} draws and alpha={alpha} no radius above {row['max radius']:.3f} can be "
+                f"certified (sigma * Phi^-1(alpha^(1/n))), so its certified accuracy at {', '.join(f'{r:g}' for r in beyond)} "
+                "is 0 by construction, not a measurement: raise n to certify larger radii.")
         ctx.report.metrics[f"{d.label}/abstention_rate"] = res.abstention_rate
         for r, a in zip(rs, res.certified_accuracy(rs)):
             ctx.report.metrics[f"{d.label}/certified_accuracy@{r:g}"] = a
