@@ -206,6 +206,7 @@ def step_config(tmp_path, **certify_params):
                       {"certify": params}]}
 
 
+@pytest.mark.slow  # trains a tiny CNN and runs the step: ~30 s on 2 busy cores
 def test_certify_step_end_to_end(tmp_path):
     report = robustkit.run(step_config(tmp_path), progress=False, log=None)
     out = tmp_path / "out"
