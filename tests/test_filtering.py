@@ -253,6 +253,27 @@ def test_feature_filters_flag_poisoned_far_better_than_chance(poisoned_cnn):
     assert torch.equal(ac.flagged, again.flagged)
 
 
+def test_activation_clustering_is_stable_under_feature_noise(poisoned_cnn, monkeypatch):
+    """#12: the result must not move with the last bits of the victim's features (another CPU / BLAS)."""
+    import robustkit.filtering.activation_clustering as acm
+    from robustkit.filtering.common import penultimate_features
+
+    model, data = poisoned_cnn
+    feats, labels = penultimate_features(model, data, progress=False)
+    g = torch.Generator().manual_seed(1)
+    variants = {"exact": feats, "float16": feats.half().float(),
+                "noise": feats + 1e-3 * feats.abs().mean() * torch.randn(feats.shape, generator=g)}
+    results = {}
+    for name, f in variants.items():
+        monkeypatch.setattr(acm, "penultimate_features", lambda *a, f=f, **k: (f, labels))
+        results[name] = ActivationClustering(progress=False).fit(model, data)
+    base = filter_metrics(results["exact"], data.is_poisoned)
+    for name, res in results.items():
+        m = filter_metrics(res, data.is_poisoned)
+        assert int((res.flagged != results["exact"].flagged).sum()) <= 2, name
+        assert abs(m["auroc"] - base["auroc"]) < 0.02 and m["auroc"] > 0.7 and m["tpr"] > 0.5, (name, m)
+
+
 def test_filter_metrics_by_hand():
     from robustkit.base import FilterResult
 
@@ -327,3 +348,118 @@ def test_cli_filter_and_pipeline_step(poisoned_cnn, tmp_path, capsys):
     assert row["kept"] == row["samples"] - row["flagged"] and "auroc" in row
     assert report.table("Training").rows  # the retraining ran on the kept set
     assert (tmp_path / "run" / "filtered" / "scores.png").is_file()
+
+
+# --------------------------------------------------------------------------- feature filters on planted features
+class _FeaturesAreInput(torch.nn.Module):
+    """A 'model' whose penultimate features are its input pixels (a flatten, then the classifier)."""
+
+    def __init__(self, dim: int, classes: int):
+        super().__init__()
+        self.flat = torch.nn.Flatten()
+        self.classifier = torch.nn.Linear(dim, classes)
+
+    def forward(self, x):
+        return self.classifier(self.flat(x))
+
+
+def _planted_set(n_poisoned: int, n_clean_target: int, seed: int = 0, dim: int = 16, classes: int = 4, per: int = 80):
+    """Class blobs in [0, 1]^dim; poisoned = images of classes 1..3 plus a planted offset, labelled 0."""
+    from robustkit.data import ArrayDataset
+
+    g = torch.Generator().manual_seed(seed)
+    means = 0.25 + 0.5 * torch.rand(classes, dim, generator=g)
+    trigger = torch.zeros(dim)
+    trigger[:4] = 0.35
+    xs, ys, truth = [], [], []
+    for c in range(classes):
+        n = n_clean_target if c == 0 else per
+        xs.append(means[c] + 0.03 * torch.randn(n, dim, generator=g))
+        ys.append(torch.full((n,), c))
+        truth.append(torch.zeros(n, dtype=torch.bool))
+    src = 1 + torch.arange(n_poisoned) % (classes - 1)
+    xs.append(means[src] + 0.03 * torch.randn(n_poisoned, dim, generator=g) + trigger)
+    ys.append(torch.zeros(n_poisoned, dtype=torch.long))
+    truth.append(torch.ones(n_poisoned, dtype=torch.bool))
+    x = torch.cat(xs).clamp(0, 1).view(-1, 1, 1, dim)
+    return ArrayDataset(x, torch.cat(ys)), torch.cat(truth), _FeaturesAreInput(dim, classes)
+
+
+@pytest.mark.parametrize("n_poisoned, n_clean", [(30, 70), (70, 30)])
+def test_activation_clustering_scores_point_at_the_poisoned_cluster_whichever_is_larger(n_poisoned, n_clean):
+    """#15: a perfect split scored AUROC 0.008 when the poisoned part was the larger cluster."""
+    from robustkit.base import FilterResult
+
+    data, truth, model = _planted_set(n_poisoned, n_clean)
+    res = ActivationClustering(progress=False).fit(model, data)
+    target = res.details["per_class"][0]
+    assert target["silhouette"] > 0.5 and target["suspicious_share"] == pytest.approx(n_poisoned / 100)
+    in_target = data.labels == 0
+    sub = FilterResult(res.scores[in_target], res.flagged[in_target])
+    assert filter_metrics(sub, truth[in_target])["auroc"] == 1.0
+    assert filter_metrics(res, truth)["auroc"] > 0.95
+    if n_poisoned < n_clean:  # a minority: flagged, exactly
+        assert torch.equal(res.flagged, truth)
+    else:  # a majority: the relative-size rule keeps it, and says so
+        assert not res.flagged.any() and any("larger one" in w for w in res.details["warnings"])
+        by_size = ActivationClustering(suspicious="size", progress=False).fit(model, data)
+        assert filter_metrics(FilterResult(by_size.scores[in_target], by_size.flagged[in_target]),
+                              truth[in_target])["auroc"] == 0.0  # the paper's smaller-cluster orientation: inverted
+
+
+def _planted_direction(p: float, n: int = 400, dim: int = 20, seed: int = 0):
+    """One class: clean ~ m + N(0, 0.1^2 I); a share p is poisoned, shifted by 1.0 along a planted unit vector u."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    u = torch.randn(dim, generator=g, dtype=torch.float64)
+    u /= u.norm()
+    m = 1.0 + torch.rand(dim, generator=g, dtype=torch.float64)
+    x = m + 0.1 * torch.randn(n, dim, generator=g, dtype=torch.float64)
+    truth = torch.zeros(n, dtype=torch.bool)
+    truth[: int(p * n)] = True
+    x[truth] += 1.0 * u * (1 if float(m @ u) >= 0 else -1)  # the trigger adds activation on the class-mean side
+    return x, truth, u
+
+
+def _auroc(scores, truth):
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(truth.numpy(), scores.numpy()))
+
+
+def test_spectral_scores_on_a_planted_direction():
+    """Tran et al.: squared correlation with the top singular vector of the *centred* class matrix."""
+    from robustkit.filtering.spectral_signatures import class_scores
+
+    x, truth, u = _planted_direction(0.1)
+    sq, info = class_scores(x, "squared")
+    assert _auroc(sq, truth) == 1.0 and info["top_share"] > 0.25
+    assert set(torch.topk(sq, 40).indices.tolist()) == set(torch.nonzero(truth).flatten().tolist())
+    # centring: a constant offset of every representation changes nothing (uncentred, v would be the mean)
+    torch.testing.assert_close(class_scores(x + 5.0, "squared")[0], sq)
+    # the top singular vector is the planted direction: the score is the squared projection on u
+    centred = x - x.mean(0)
+    assert abs(_spearman(sq, (centred @ u) ** 2)) > 0.95
+    # a 50/50 class: the squared score cannot rank the halves (both lie as far from the mean); the signed one can
+    x, truth, _ = _planted_direction(0.5)
+    assert 0.3 < _auroc(class_scores(x, "squared")[0], truth) < 0.7
+    signed, info = class_scores(x, "signed")
+    assert _auroc(signed, truth) == 1.0 and info["mean_projection"] >= 0
+    # IBM ART's score |<r_i, v>| with uncentred r_i ranks like the signed score here
+    _, _, vh = torch.linalg.svd(x - x.mean(0), full_matrices=False)
+    assert _auroc((x @ vh[0]).abs(), truth) == 1.0
+
+
+def _spearman(a, b):
+    ra, rb = a.argsort().argsort().double(), b.argsort().argsort().double()
+    return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
+
+
+def test_spectral_signatures_signed_option_end_to_end():
+    data, truth, model = _planted_set(60, 60)
+    paper = SpectralSignatures(expected_rate=0.3, progress=False).fit(model, data)
+    signed = SpectralSignatures(expected_rate=0.3, score="signed", progress=False).fit(model, data)
+    assert signed.details["scoring"] == "signed" and paper.details["scoring"] == "squared"
+    in_target = data.labels == 0
+    assert _auroc(signed.scores[in_target], truth[in_target]) == 1.0
+    with pytest.raises(InputError, match="score"):
+        SpectralSignatures(score="abs")

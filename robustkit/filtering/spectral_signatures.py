@@ -15,33 +15,56 @@ from ..registry import FILTERS
 from .common import PerClassDetails, penultimate_features, per_class, positive_int
 
 
+SCORES = ("squared", "signed")
+
+
 @dataclass
 class SpectralSignaturesDetails(PerClassDetails):
     removed_share: float = 0.0
+    scoring: str = "squared"
 
 
 @FILTERS.register("spectral_signatures")
 class SpectralSignatures(DataFilter):
     """Spectral signatures (Tran, Li, Madry, NeurIPS 2018) on the penultimate features.
 
-    For every class: center the features, take the top right singular vector ``v`` and score
-    each sample by ``(<r_i, v>)^2``; the ``removal_factor * expected_rate`` (1.5 x eps in the
-    paper) highest-scoring share of *every* class is flagged. ``scores`` are divided by the
-    class's mean score so that they compare across classes (for AUROC).
+    For every class, as in the paper's Algorithm 1: center the class's representations
+    (``r_i - mean``), take the top right singular vector ``v`` of the centred matrix and score
+    each sample by its correlation with it; the ``removal_factor * expected_rate`` (1.5 x eps in
+    the paper) highest-scoring share of *every* class is flagged. ``scores`` are divided by the
+    class's mean absolute score so that they compare across classes (for AUROC).
 
-    As in the paper's analysis, poisoned samples must be a minority of their class: when they
-    are about half of it (all-to-one poisoning at ~1/num_classes rate), both halves lie equally
-    far from the class mean and the squared projection cannot rank them (docs/filtering.md).
+    ``score`` chooses the correlation:
+
+    - ``"squared"`` (default, the paper): ``<r_i - mean, v>^2``. Both tails score high, so the
+      poisoned samples must be a minority of their class: the centred poisoned group then
+      lies ``(1 - p) * d`` from the mean against ``p * d`` for the clean one (p = poisoned
+      share, d = the gap); at p ~ 1/2 both halves lie equally far and the score cannot rank
+      them (all-to-one poisoning at ~1/num_classes).
+    - ``"signed"``: ``<r_i - mean, v>`` with ``v`` oriented so that ``<mean, v> >= 0``, i.e.
+      the tail on the side where the class's *uncentred* features lie. This ranks by one
+      tail only and works at any poisoned share when the trigger *adds* activation along
+      ``v`` (ReLU features: poisoned samples have larger projections). IBM ART's
+      ``SpectralSignatureDefense`` scores ``|<r_i, v>|`` with the uncentred ``r_i``
+      (``v`` from the centred matrix); when all ``<r_i, v>`` share the sign of
+      ``<mean, v>`` that is the same ranking as ``"signed"``, which states the orientation
+      explicitly instead of relying on the offset.
+
+    ``details['per_class']`` records, per class, the top singular value's share of the
+    centred matrix's energy and ``mean_projection`` (``<mean, v>`` after orientation).
     """
 
     def __init__(self, expected_rate: float = 0.1, removal_factor: float = 1.5, batch_size: int = 256,
-                 progress: bool = True):
+                 progress: bool = True, score: str = "squared"):
         if not 0 < expected_rate < 1:
             raise InputError(f"expected_rate must be in (0, 1), got {expected_rate!r}")
         if not removal_factor > 0:
             raise InputError(f"removal_factor must be > 0, got {removal_factor!r}")
         self.expected_rate, self.removal_factor = float(expected_rate), float(removal_factor)
         self.batch_size, self.progress = positive_int(batch_size, "batch_size"), bool(progress)
+        if score not in SCORES:
+            raise InputError(f"score must be one of {SCORES}, got {score!r}")
+        self.score = score
 
     def fit(self, model: nn.Module, dataset: Dataset) -> FilterResult:
         feats, labels = penultimate_features(model, dataset, self.batch_size, self.progress)
@@ -51,17 +74,38 @@ class SpectralSignatures(DataFilter):
         share = min(1.0, self.removal_factor * self.expected_rate)
         classes = {}
         for c, idx in per_class(labels):
-            r = feats[idx].double()
-            r = r - r.mean(dim=0, keepdim=True)
-            _, _, vh = torch.linalg.svd(r, full_matrices=False)
-            s = (r @ vh[0]) ** 2
-            scores[idx] = s / s.mean().clamp_min(1e-12)
+            s, info = class_scores(feats[idx].double(), self.score)
+            scores[idx] = s / s.abs().mean().clamp_min(1e-12)
             k = int(math.floor(share * len(idx)))
             if k:
                 top = torch.as_tensor(idx)[torch.topk(s, k).indices]
                 flagged[top] = True
-            classes[c] = {"n": len(idx), "flagged": k}
+            classes[c] = {"n": len(idx), "flagged": k, **info}
+        what = ("squared projection" if self.score == "squared" else "signed projection (oriented to the class mean)")
         details = SpectralSignaturesDetails(
-            per_class=classes, score="squared projection on the class's top singular vector / class mean",
-            removed_share=share)
+            per_class=classes, score=f"{what} on the class's top singular vector / class mean |score|",
+            removed_share=share, scoring=self.score)
         return FilterResult(scores.float(), flagged, details)
+
+
+def class_scores(r: torch.Tensor, score: str = "squared") -> tuple[torch.Tensor, dict[str, float]]:
+    """Spectral-signature scores of one class's representations ``r`` (n x d, float64).
+
+    Centres ``r``, takes the top right singular vector ``v`` of the centred matrix and returns
+    ``(<r_i - mean, v>^2 or the oriented <r_i - mean, v>, info)`` (see :class:`SpectralSignatures`).
+    The sign of ``v`` from the SVD is arbitrary (it moves with the LAPACK build); ``"signed"``
+    fixes it by ``<mean, v> >= 0``, and ``"squared"`` does not depend on it.
+    """
+    mean = r.mean(dim=0, keepdim=True)
+    centred = r - mean
+    if r.shape[0] < 2:
+        return torch.zeros(r.shape[0], dtype=r.dtype), {"top_share": 0.0, "mean_projection": 0.0}
+    _, sv, vh = torch.linalg.svd(centred, full_matrices=False)
+    v = vh[0]
+    m = float(mean[0] @ v)
+    if m < 0:
+        v, m = -v, -m
+    proj = centred @ v
+    energy = float((sv**2).sum())
+    info = {"top_share": float(sv[0] ** 2) / energy if energy > 0 else 0.0, "mean_projection": m}
+    return (proj**2 if score == "squared" else proj), info
