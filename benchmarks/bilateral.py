@@ -1,31 +1,40 @@
-"""Bilateral filter benchmark: robustkit vs kornia vs an OpenCV per-image loop (CPU), and
-robustkit's Triton kernel vs kornia on the GPU when one is present.
+"""Bilateral filter benchmark: robustkit's fused CPU kernel (Numba) and its PyTorch path vs
+kornia and an OpenCV per-image loop (CPU), and robustkit's Triton kernel vs kornia on the GPU
+when one is present.
 
 Each method is compared with its own window: ``robustkit-circle`` (OpenCV's circular window)
 against the OpenCV loop, ``robustkit-square`` (all K^2 taps) against kornia. L1 colour
-distance, reflect-101 borders, sigma_color 0.1, sigma_space 1.5 throughout.
+distance, reflect-101 borders, sigma_color 0.1, sigma_space 1.5 throughout. On CPU
+``robustkit-*`` is the fused Numba kernel (``backend="numba"``, the default on CPU) and
+``robustkit-torch-*`` the PyTorch tap loop (``backend="torch"``, the fallback).
 
 Each CPU (method, shape, mode) runs in a fresh subprocess so that peak memory is its own
-(growth of peak RSS over the RSS before the first call; tracemalloc does not see torch). On
-CUDA, ``torch.cuda.max_memory_allocated`` minus the input, and for our forward also the
-kernel-only time (``triton.testing.do_bench``). Prints a table and writes JSON.
+(growth of peak RSS over the RSS after a warm-up call on one image; tracemalloc does not see
+torch), and reports the median of its repeated calls. The whole set runs ``--rounds`` times,
+interleaved, because the machine may be shared: the reported time is the median over rounds,
+and the speed-up is the median over rounds of (peer time / our time) measured in the same
+round. On CUDA, ``torch.cuda.max_memory_allocated`` minus the input, and for our forward also
+the kernel-only time (``triton.testing.do_bench``). Prints a table and writes JSON with the
+CPU model and instruction sets (``benchmarks/_common.machine_info``).
 
-    python benchmarks/bilateral.py            # full run
-    python benchmarks/bilateral.py --quick    # < 1 minute on 2 cores
+    python benchmarks/bilateral.py                       # full run (about 5 minutes on 2 cores)
+    python benchmarks/bilateral.py --quick               # about a minute
+    python benchmarks/bilateral.py --numba-cpu haswell   # the fused kernel compiled for AVX2 only
+    python benchmarks/bilateral.py --torch-path          # also the PyTorch fallback path
     python benchmarks/bilateral.py --device cuda --out benchmarks/results/bilateral_gpu.json
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 CPU_CASES = [  # name, shape, kernel size
     ("cifar", (256, 3, 32, 32), 5),
@@ -36,11 +45,18 @@ GPU_CASES = CPU_CASES + [
     ("imagenet-64", (64, 3, 224, 224), 5),
 ]
 SIGMA_COLOR, SIGMA_SPACE = 0.1, 1.5
-# which of our variants each peer is compared with (the same window)
+# (device, mode) -> methods; fwd+bwd has no OpenCV (no backward)
+CPU_METHODS = {
+    "fwd": ["robustkit-circle", "robustkit-square", "kornia", "opencv"],
+    "fwd+bwd": ["robustkit-circle", "robustkit-square", "kornia"],
+}
+TORCH_PATH_METHODS = {"fwd": ["robustkit-torch-circle", "robustkit-torch-square"], "fwd+bwd": ["robustkit-torch-square"]}
+GPU_METHODS = {"fwd": ["robustkit", "robustkit-torch", "kornia"], "fwd+bwd": ["robustkit", "robustkit-torch", "kornia"]}
+# which of our variants each method is compared with (the same window)
 OURS_FOR = {
-    ("cpu", "opencv"): "robustkit-circle", ("cpu", "robustkit-circle"): "robustkit-circle",
-    ("cpu", "kornia"): "robustkit-square", ("cpu", "robustkit-square"): "robustkit-square",
-    ("cuda", "kornia"): "robustkit", ("cuda", "robustkit-torch"): "robustkit", ("cuda", "robustkit"): "robustkit",
+    ("cpu", "opencv"): "robustkit-circle", ("cpu", "robustkit-torch-circle"): "robustkit-circle",
+    ("cpu", "kornia"): "robustkit-square", ("cpu", "robustkit-torch-square"): "robustkit-square",
+    ("cuda", "kornia"): "robustkit", ("cuda", "robustkit-torch"): "robustkit",
 }
 H100_BANDWIDTH = 3.35e12  # bytes/s, H100 SXM HBM3
 
@@ -76,9 +92,12 @@ def worker(method: str, shape, k: int, mode: str, device: str, repeats: int, bud
     if method == "opencv" and backward:
         return {"skipped": "OpenCV has no backward"}
     if method.startswith("robustkit"):
-        from robustkit.kernels import bilateral_filter
+        from robustkit.preprocessing.kernels import bilateral_filter
 
-        backend = "torch" if method == "robustkit-torch" or device == "cpu" else "triton"
+        if device == "cpu":
+            backend = "torch" if method.startswith("robustkit-torch") else "numba"
+        else:
+            backend = "torch" if method == "robustkit-torch" else "triton"
         window = "circle" if method.endswith("circle") else "square"
         run = lambda t: bilateral_filter(t, k, SIGMA_COLOR, SIGMA_SPACE, "l1", window, backend=backend)
     elif method == "kornia":
@@ -92,20 +111,20 @@ def worker(method: str, shape, k: int, mode: str, device: str, repeats: int, bud
         xn = x.permute(0, 2, 3, 1).contiguous().numpy()
         out = np.empty_like(xn)
 
-        def run(_t):
-            for i in range(xn.shape[0]):
+        def run(t):
+            for i in range(t.shape[0]):
                 out[i] = cv2.bilateralFilter(xn[i], k, SIGMA_COLOR, SIGMA_SPACE)
             return out
     else:
         raise ValueError(method)
 
-    def step():
+    def step(inp=x):
         if backward:
-            xi = x.detach().requires_grad_(True)
+            xi = inp.detach().requires_grad_(True)
             run(xi).sum().backward()
         else:
             with torch.no_grad():
-                run(x)
+                run(inp)
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     if device == "cuda":
@@ -123,6 +142,7 @@ def worker(method: str, shape, k: int, mode: str, device: str, repeats: int, bud
             with torch.no_grad():
                 kernel_ms = do_bench(lambda: run(x))
     else:
+        step(x[:1])  # imports, JIT cache load, thread pool: not the call's memory
         base = _rss_bytes()
         step()
         peak = max(0, _peak_rss_bytes() - base)
@@ -135,7 +155,7 @@ def worker(method: str, shape, k: int, mode: str, device: str, repeats: int, bud
         sync()
         times.append(time.perf_counter() - t0)
     med = statistics.median(times)
-    res = {"median_ms": med * 1e3, "images_per_s": shape[0] / med, "peak_mem_mib": peak / 2**20, "runs": len(times)}
+    res = {"median_ms": med * 1e3, "min_ms": min(times) * 1e3, "images_per_s": shape[0] / med, "peak_mem_mib": peak / 2**20, "runs": len(times)}
     if device == "cuda" and kernel_ms is not None:
         res["kernel_ms"] = kernel_ms
     return res
@@ -156,13 +176,48 @@ def run_case(method, shape, k, mode, device, repeats, budget_s) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
+def _combine(rounds: list[dict[str, dict]], device: str) -> dict[str, dict]:
+    """Median over rounds of each method's time, and of its per-round ratio to our method."""
+    out = {}
+    for m in rounds[0]:
+        rs = [r[m] for r in rounds if "median_ms" in r.get(m, {})]
+        if not rs:
+            out[m] = rounds[0][m]
+            continue
+        row = {
+            "median_ms": statistics.median(r["median_ms"] for r in rs),
+            "round_ms": [round(r["median_ms"], 3) for r in rs],
+            "peak_mem_mib": statistics.median(r["peak_mem_mib"] for r in rs),
+            "runs": sum(r["runs"] for r in rs),
+        }
+        if any("kernel_ms" in r for r in rs):
+            row["kernel_ms"] = statistics.median(r["kernel_ms"] for r in rs if "kernel_ms" in r)
+        ours_name = OURS_FOR.get((device, m))
+        ratios = [r[m]["median_ms"] / r[ours_name]["median_ms"] for r in rounds
+                  if ours_name and "median_ms" in r.get(m, {}) and "median_ms" in r.get(ours_name, {})]
+        if ratios:
+            row["vs"] = ours_name
+            row["ours_speedup"] = statistics.median(ratios)
+            row["ours_speedup_range"] = [round(min(ratios), 3), round(max(ratios), 3)]
+        out[m] = row
+    for m, row in out.items():  # memory ratio from the combined peaks
+        ours = out.get(OURS_FOR.get((device, m), ""), {})
+        if "vs" in row and ours.get("peak_mem_mib"):
+            row["ours_mem_ratio"] = row["peak_mem_mib"] / ours["peak_mem_mib"]
+    return out
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="fewer repeats (< 1 minute on 2 cores)")
+    from _common import parser
+
+    p = parser(__doc__, "benchmarks/results/bilateral.json", "one round, fewer repeats (about a minute on 2 cores)")
     p.add_argument("--device", choices=["cpu", "cuda", "all"], default="all", help="cpu, cuda, or all available (default)")
-    p.add_argument("--out", default="benchmarks/results/bilateral.json", help="JSON output path")
-    p.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", "2")), help="CPU threads (default 2)")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds of every method (default 3, --quick 1)")
+    p.add_argument("--repeats", type=int, default=None, help="timed calls per method and round (default 9, --quick 3)")
+    p.add_argument("--torch-path", action="store_true", help="also time the PyTorch fallback path (robustkit-torch-*)")
+    p.add_argument("--numba-cpu", default=None,
+                   help="compile the fused kernel for this CPU (NUMBA_CPU_NAME), e.g. 'haswell' for AVX2 without AVX-512")
+    p.add_argument("--worker", help=argparse_suppress())
     args = p.parse_args(argv)
     if args.worker:
         method, shape, k, mode, device, repeats, budget = json.loads(args.worker)
@@ -170,39 +225,46 @@ def main(argv=None) -> int:
         return 0
 
     os.environ["BENCH_THREADS"] = str(args.threads)  # read by the workers
+    if args.numba_cpu:
+        os.environ["NUMBA_CPU_NAME"] = args.numba_cpu
     import torch
 
+    from _common import machine_info, print_table, write_json
+
+    print(HEADER)
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     if "cuda" in devices and not torch.cuda.is_available():
         if args.device == "cuda":
             print("no CUDA device", file=sys.stderr)
             return 2
         devices.remove("cuda")
-    repeats, budget = (3, 1.0) if args.quick else (9, 8.0)
+    rounds = args.rounds or (1 if args.quick else 3)
+    repeats = args.repeats or (3 if args.quick else 9)
+    budget = 1.0 if args.quick else 8.0
     rows = []
     for device in devices:
         cases = CPU_CASES if device == "cpu" else GPU_CASES
-        methods = ["robustkit-circle", "robustkit-square", "kornia", "opencv"] if device == "cpu" else ["robustkit", "robustkit-torch", "kornia"]
+        methods_for = CPU_METHODS if device == "cpu" else GPU_METHODS
+        if device == "cpu" and args.torch_path:
+            methods_for = {mode: ms[:2] + TORCH_PATH_METHODS[mode] + ms[2:] for mode, ms in CPU_METHODS.items()}
         for name, shape, k in cases:
             for mode in ("fwd", "fwd+bwd"):
-                results = {}
-                for m in methods:
-                    if device == "cpu" and args.quick and m == "kornia" and name == "imagenet" and mode == "fwd+bwd":
-                        results[m] = {"skipped": "--quick (about 7 s and 3 GiB)"}
-                        continue
-                    if m == "opencv" and mode == "fwd+bwd":
-                        results[m] = {"skipped": "OpenCV has no backward"}
-                        continue
-                    reps = repeats * 5 if device == "cuda" else repeats
-                    results[m] = run_case(m, shape, k, mode, device, reps, budget)
-                for m, r in results.items():
+                per_round = []
+                for rnd in range(rounds):
+                    results = {}
+                    for m in methods_for[mode]:
+                        if device == "cpu" and m == "kornia" and name == "imagenet" and mode == "fwd+bwd" and args.quick:
+                            results[m] = {"skipped": "--quick (about 7 s and 3 GiB)"}
+                            continue
+                        reps = repeats * 5 if device == "cuda" else repeats
+                        results[m] = run_case(m, shape, k, mode, device, reps, budget)
+                        r = results[m]
+                        if "median_ms" in r:
+                            print(f"  round {rnd + 1}/{rounds} {name} {mode} {m}: {r['median_ms']:.2f} ms", flush=True)
+                    per_round.append(results)
+                combined = _combine(per_round, device)
+                for m, r in combined.items():
                     row = {"device": device, "case": name, "shape": "x".join(map(str, shape)), "k": k, "mode": mode, "method": m, **r}
-                    ours_name = OURS_FOR.get((device, m))
-                    ours = results.get(ours_name, {}) if ours_name else {}
-                    if "median_ms" in r and "median_ms" in ours:
-                        row["vs"] = ours_name
-                        row["ours_speedup"] = r["median_ms"] / ours["median_ms"]
-                        row["ours_mem_ratio"] = (r["peak_mem_mib"] / ours["peak_mem_mib"]) if ours["peak_mem_mib"] > 0 else None
                     if device == "cuda" and m == "robustkit" and mode == "fwd" and "median_ms" in r:
                         bound = bandwidth_bound_us(shape)
                         row["bandwidth_bound_us"] = bound
@@ -212,41 +274,58 @@ def main(argv=None) -> int:
                     rows.append(row)
                     print(_fmt_row(row), flush=True)
     meta = {
-        "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-        "threads": args.threads, "quick": args.quick,
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "sigma_color": SIGMA_COLOR, "sigma_space": SIGMA_SPACE,
-        "note": "ours_speedup = peer time / time of our method named in 'vs' (same window); ours_mem_ratio likewise for peak memory",
+        "threads": args.threads, "quick": args.quick, "rounds": rounds, "repeats": repeats,
+        "sigma_color": SIGMA_COLOR, "sigma_space": SIGMA_SPACE, **_numba_info(),
+        "note": ("median_ms: median over rounds of each round's median call; ours_speedup: median over rounds of "
+                 "(peer time / time of our method named in 'vs', same round, same window); ours_mem_ratio likewise "
+                 "for peak memory. robustkit-* on CPU = fused Numba kernel, robustkit-torch-* = PyTorch tap loop."),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    os.replace(tmp, out)
-    print(f"\nwrote {out}")
+    print()
+    print_table([{"case": r["case"], "mode": r["mode"], "method": r["method"], "median_ms": r.get("median_ms"),
+                  "vs": r.get("vs", ""), "x_ours": r.get("ours_speedup"), "x_range": r.get("ours_speedup_range", ""),
+                  "peak_MiB": r.get("peak_mem_mib")} for r in rows if "median_ms" in r])
+    info = machine_info()
+    print(f"\nCPU: {info['cpu_model']} ({', '.join(info['instruction_sets'])}), {args.threads} threads; "
+          f"fused kernel compiled for {meta.get('numba_cpu_name')}")
+    write_json(args.out, {"meta": meta, "rows": rows})
     return 0
 
 
-HEADER = (f"{'device':6} {'case':9} {'mode':8} {'method':17} {'median ms':>10} {'img/s':>10} {'peak MiB':>9} "
+def argparse_suppress():
+    import argparse
+
+    return argparse.SUPPRESS
+
+
+def _numba_info() -> dict:
+    """Numba version and the CPU its kernels are compiled for (the host unless NUMBA_CPU_NAME)."""
+    try:
+        import llvmlite.binding as llvm
+        import numba
+    except Exception as exc:  # noqa: BLE001 - reported, not fatal
+        return {"numba": None, "numba_error": f"{type(exc).__name__}: {exc}"}
+    return {"numba": numba.__version__, "numba_cpu_name": os.environ.get("NUMBA_CPU_NAME") or llvm.get_host_cpu_name()}
+
+
+HEADER = (f"{'device':6} {'case':9} {'mode':8} {'method':22} {'median ms':>10} {'img/s':>10} {'peak MiB':>9} "
           f"{'x ours':>7} {'mem x':>6}  (x ours / mem x: peer time / memory over ours, same window)")
 
 
 def _fmt_row(r: dict) -> str:
     if "median_ms" not in r:
-        return f"{r['device']:6} {r['case']:9} {r['mode']:8} {r['method']:17} {r.get('skipped') or r.get('error')}"
+        return f"{r['device']:6} {r['case']:9} {r['mode']:8} {r['method']:22} {r.get('skipped') or r.get('error')}"
     sp = f"{r['ours_speedup']:.2f}" if r.get("ours_speedup") is not None else "-"
     mr = f"{r['ours_mem_ratio']:.1f}" if r.get("ours_mem_ratio") is not None else "-"
+    ips = int(r["shape"].split("x")[0]) / (r["median_ms"] / 1e3)
     extra = ""
     if "x_over_bound" in r:
         extra = f"  ({r['x_over_bound']:.1f}x the {r['bandwidth_bound_us']:.1f} us bandwidth bound"
         if "kernel_x_over_bound" in r:
             extra += f"; kernel alone {r['kernel_ms'] * 1e3:.1f} us = {r['kernel_x_over_bound']:.1f}x"
         extra += ")"
-    return (f"{r['device']:6} {r['case']:9} {r['mode']:8} {r['method']:17} {r['median_ms']:10.2f} "
-            f"{r['images_per_s']:10.0f} {r['peak_mem_mib']:9.1f} {sp:>7} {mr:>6}{extra}")
+    return (f"{r['device']:6} {r['case']:9} {r['mode']:8} {r['method']:22} {r['median_ms']:10.2f} "
+            f"{ips:10.0f} {r['peak_mem_mib']:9.1f} {sp:>7} {mr:>6}{extra}")
 
 
 if __name__ == "__main__":
-    if "--worker" not in sys.argv:
-        print(HEADER)
     sys.exit(main())
