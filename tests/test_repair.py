@@ -370,7 +370,8 @@ def test_collapsed_finetune_is_flagged_with_a_warning(backdoored, digits16):
         res = FineTune(epochs=3, lr=0.1, weight_decay=5.0, batch_size=32).repair(model, digits16.train, progress=False)
     d = res.details
     assert res.collapsed and d["collapsed"]
-    assert d["holdout_samples"] == 68 and d["max_acc_drop"] == 0.1
+    y = torch.as_tensor([int(digits16.train[i][1]) for i in range(len(digits16.train))])
+    assert d["holdout_samples"] == sum(round(0.05 * int((y == c).sum())) for c in range(10)) and d["max_acc_drop"] == 0.1
     assert d["holdout_acc_before"] > 0.9 and d["holdout_acc_before"] - d["holdout_acc_after"] > 0.1
     assert {"holdout_acc_before", "holdout_acc_after", "collapsed"} <= set(d.summary())
 

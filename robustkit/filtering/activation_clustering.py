@@ -152,7 +152,7 @@ class ActivationClustering(DataFilter):
             if sizes.min() > 0 and abs(share - 0.5) < 0.05 and sil >= self.silhouette_threshold:
                 notes.append(f"class {c}: two clusters of about equal size ({share:.0%}); relative size cannot decide")
             classes[c] = {"n": len(idx), "suspicious_share": share, "silhouette": sil,
-                          "spread_deviation": [float(deviation[susp]), float(deviation[1 - susp])],
+                          "spread_deviation": [round(float(deviation[susp]), 3), round(float(deviation[1 - susp]), 3)],
                           "flagged": int(poisoned) * int(sizes[susp])}
         details = ActivationClusteringDetails(
             per_class=classes,

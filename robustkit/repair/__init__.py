@@ -9,3 +9,7 @@ __all__ = ["FineTune", "FTSAM", "finetune_loop", "SkipSuppression", "jump_score"
 from .measure import RepairOutcome, repair_and_measure  # noqa: E402
 
 __all__ += ["RepairOutcome", "repair_and_measure"]
+
+from .guard import MAX_ACC_DROP, SuppressionError, check_collapse, split_clean  # noqa: E402
+
+__all__ += ["MAX_ACC_DROP", "SuppressionError", "check_collapse", "split_clean"]

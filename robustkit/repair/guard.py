@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..data.arrays import ArrayDataset, to_tensors
+from ..data.arrays import ArrayDataset, declared_classes, to_tensors
 from ..errors import InputError, RobustkitError
 from ..inference import predict
 
@@ -101,7 +101,7 @@ def split_clean(clean_data: Dataset, clean_ratio: float, holdout_ratio: float = 
     if x.shape[0] == 0:
         raise InputError("the clean data set is empty")
     labels = y.numpy()
-    classes = getattr(clean_data, "classes", None)
+    classes = declared_classes(clean_data)
     used = _balanced_indices(labels, clean_ratio, seed)
     totals = {int(c): int((labels == c).sum()) for c in np.unique(labels)}
     rng = np.random.default_rng([seed, 1])
