@@ -21,6 +21,7 @@ CPU model and instruction sets (``benchmarks/_common.machine_info``).
     python benchmarks/bilateral.py --quick               # about a minute
     python benchmarks/bilateral.py --numba-cpu haswell   # the fused kernel compiled for AVX2 only
     python benchmarks/bilateral.py --torch-path          # also the PyTorch fallback path
+    python benchmarks/bilateral.py --omp-passive         # on a shared machine (see --help)
     python benchmarks/bilateral.py --device cuda --out benchmarks/results/bilateral_gpu.json
 """
 
@@ -215,6 +216,9 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds of every method (default 3, --quick 1)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per method and round (default 9, --quick 3)")
     p.add_argument("--torch-path", action="store_true", help="also time the PyTorch fallback path (robustkit-torch-*)")
+    p.add_argument("--omp-passive", action="store_true",
+                   help="OMP_WAIT_POLICY=PASSIVE for every worker: on a shared, oversubscribed machine PyTorch's "
+                        "(and kornia's) OpenMP threads otherwise spin while their partner is descheduled")
     p.add_argument("--numba-cpu", default=None,
                    help="compile the fused kernel for this CPU (NUMBA_CPU_NAME), e.g. 'haswell' for AVX2 without AVX-512")
     p.add_argument("--worker", help=argparse_suppress())
@@ -227,6 +231,8 @@ def main(argv=None) -> int:
     os.environ["BENCH_THREADS"] = str(args.threads)  # read by the workers
     if args.numba_cpu:
         os.environ["NUMBA_CPU_NAME"] = args.numba_cpu
+    if args.omp_passive:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     import torch
 
     from _common import machine_info, print_table, write_json
@@ -242,6 +248,7 @@ def main(argv=None) -> int:
     repeats = args.repeats or (3 if args.quick else 9)
     budget = 1.0 if args.quick else 8.0
     rows = []
+    load_start = _loadavg()
     for device in devices:
         cases = CPU_CASES if device == "cpu" else GPU_CASES
         methods_for = CPU_METHODS if device == "cpu" else GPU_METHODS
@@ -275,6 +282,7 @@ def main(argv=None) -> int:
                     print(_fmt_row(row), flush=True)
     meta = {
         "threads": args.threads, "quick": args.quick, "rounds": rounds, "repeats": repeats,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "load_average_start": load_start, "load_average_end": _loadavg(),
         "sigma_color": SIGMA_COLOR, "sigma_space": SIGMA_SPACE, **_numba_info(),
         "note": ("median_ms: median over rounds of each round's median call; ours_speedup: median over rounds of "
                  "(peer time / time of our method named in 'vs', same round, same window); ours_mem_ratio likewise "
@@ -295,6 +303,14 @@ def argparse_suppress():
     import argparse
 
     return argparse.SUPPRESS
+
+
+def _loadavg() -> list[float] | None:
+    """1, 5 and 15 minute load averages: how busy the (possibly shared) machine was."""
+    try:
+        return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
+    except OSError:
+        return None
 
 
 def _numba_info() -> dict:

@@ -7,14 +7,18 @@ code on disk (``cache=True``), and its ``nogil`` functions run on plain Python t
 second OpenMP/TBB runtime competes with PyTorch's. Where Numba is missing the dispatcher falls
 back to the PyTorch tap loop (:mod:`.bilateral_torch`), which computes the same function.
 
-Layout. A sample is reflect-101 padded into a flat ``C x (Hp*Wp)`` buffer. A window tap
-``(dy, dx)`` is then one flat offset ``dy*Wp + dx``, and a block of output rows is one
-contiguous flat segment (the padding columns inside it are computed and discarded), so every
-inner loop runs over a long unit-stride segment that LLVM vectorizes. Per tap and segment the
-kernel computes the colour distance, the weight and the updates of the accumulators in a few
-loops over row buffers that stay in L1/L2: one pass over the window per output pixel, no
-per-tap tensors in memory. Work items (sample, block of rows) are split between
-``torch.get_num_threads()`` threads.
+Layout. Each work item (a sample and a block of output rows) copies the reflect-101 padded
+rows it needs into a small local buffer, flat per channel (``C x rows*Wp``). A window tap
+``(dy, dx)`` is then one flat offset ``o = dy*Wp + dx`` and the block of output rows is one
+contiguous segment (the padding columns inside it are computed and discarded), so every inner
+loop runs over a long unit-stride segment that LLVM vectorizes (AVX2/AVX-512/NEON: whatever
+the host has). Taps come in pairs ``{+o, -o}`` with the same weight (``w_pq = w_qp``): one
+loop computes the pair weights ``w(p, p + o)`` over the segment (colour distance over the
+channels, spatial term, ``2^t``), a second adds both taps to the numerator and denominator
+rows. Everything a tap touches is a row buffer that stays in L1/L2: one pass over the window
+per output pixel, no per-tap tensors in memory, half the exponentials of a tap-by-tap loop.
+Items are taken in chunks by ``torch.get_num_threads()`` threads (the caller and a small
+pool), each item written by exactly one thread.
 
 The weight ``exp(-dist^2/(2 s_c^2) - |o|^2/(2 s_s^2))`` is computed as ``2^t`` with
 ``t = -kk dist^2 - sp_o`` (``kk = log2(e)/(2 s_c^2)``, ``sp_o = log2(e)|o|^2/(2 s_s^2)``). In
@@ -23,17 +27,21 @@ bits (relative error ~1e-7, vectorizes; ``t`` is clamped at -126, where the weig
 of the centre's); float64 uses ``math.exp`` (exact to libm, for gradcheck-grade results).
 
 Backward (the formula of ``docs/bilateral.md``, as a gather): with ``G = g/D`` and
-``b = sum_c G out`` (both zero outside the image), every position ``u`` of the padded grid
+``b = sum_c G out`` (both zero outside the image), every position ``u`` of the r-padded grid
 gets ``gpad[u] = G_u + sum_{o != 0} w_{u,u+o} (G_{u+o} + coef_{u,u+o} (S_{u,u+o} + S_{u+o,u}))``,
 ``S_uv = sum_c G_u x_v - b_u``; ``coef = (x_v - x_u)/s_c^2`` (L2) or
-``dist sign(x_v - x_u)/s_c^2`` (L1). ``gpad`` is folded back onto the image (reflect-101).
-Each output position is written by one thread: no atomics, no races.
+``dist sign(x_v - x_u)/s_c^2`` (L1). The weight and ``S_{u,v} + S_{v,u}`` are symmetric, so
+again one loop per pair of taps computes them and a second applies both taps. Inputs come from
+2r-padded local rows (x reflected, G and b zero outside the image); ``gpad`` is folded back
+onto the image (reflect-101). Each output position is written by one thread: no atomics, no
+races. Saved state is ``x``, ``out`` and ``1/D``, as on the other paths.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -69,8 +77,8 @@ _FASTMATH = {"contract", "nsz", "arcp"}
 
 
 def available() -> bool:
-    """Whether the Numba kernels can be used (Numba importable)."""
-    return numba is not None
+    """Whether the Numba kernels can be used (Numba importable, JIT not disabled)."""
+    return numba is not None and not numba.config.DISABLE_JIT
 
 
 if numba is not None:
@@ -547,6 +555,17 @@ def _pool(n: int) -> ThreadPoolExecutor:
         if _POOL is None or _POOL._max_workers < n:  # noqa: SLF001
             _POOL = ThreadPoolExecutor(max_workers=n, thread_name_prefix="robustkit-bilateral")
         return _POOL
+
+
+def _forget_pool_after_fork() -> None:
+    """A forked child (e.g. a DataLoader worker) has none of the parent's threads: start anew."""
+    global _POOL, _POOL_LOCK
+    _POOL = None
+    _POOL_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_after_fork)
 
 
 def _run(fn, total: int, work: int, *args) -> None:
