@@ -41,6 +41,7 @@ def main() -> None:
     p = parser(__doc__, "benchmarks/results/certify.json", quick_help="fewer images, draws and epochs")
     add_data_option(p)
     p.add_argument("--sigmas", type=float, nargs="+", default=[0.12, 0.25])
+    p.add_argument("--radii", type=float, nargs="+", default=RADII, help="L2 radii of the table")
     p.add_argument("--n0", type=int, default=None)
     p.add_argument("--n", type=int, default=None, help="estimation draws per image")
     p.add_argument("--images", type=int, default=None, help="test images certified")
@@ -53,6 +54,7 @@ def main() -> None:
     p.add_argument("--plot", default=None, help="PNG of certified accuracy vs radius (default: next to --out)")
     args = p.parse_args()
     setup(args)
+    radii = sorted(set(args.radii))
 
     from robustkit import wrap
     from robustkit.data import to_tensors
@@ -97,10 +99,10 @@ def main() -> None:
             row = {"data": data_name, "sigma": sigma, "train": train_name, "test": test_name,
                    "noisy clean acc": clean, "abstain": res.abstention_rate,
                    "max r": certified_radius(clopper_pearson_lower(n, n, args.alpha), sigma)}
-            row.update({f"cert@{r:g}": a for r, a in zip(RADII, res.certified_accuracy(RADII))})
+            row.update({f"cert@{r:g}": a for r, a in zip(radii, res.certified_accuracy(radii))})
             row.update({"train s": round(train_s, 1), "certify s": round(res.seconds, 1)})
             rows.append(row)
-            print(f"{label}: " + ", ".join(f"{a:.3f}@{r:g}" for r, a in zip(RADII, res.certified_accuracy(RADII)))
+            print(f"{label}: " + ", ".join(f"{a:.3f}@{r:g}" for r, a in zip(radii, res.certified_accuracy(radii)))
                   + f" abstain {res.abstention_rate:.3f} ({res.seconds:.0f} s)", flush=True)
     print(f"\n{data_name}: {images} test images, n0={n0}, n={n}, alpha={args.alpha}, {epochs} epochs, "
           f"small_cnn width {args.width}, {tuple(x.shape[1:])} images, {torch.get_num_threads()} threads on {args.device}")
@@ -110,7 +112,7 @@ def main() -> None:
     certified_accuracy_plot(curves, plot, title=f"Certified accuracy vs. L2 radius ({data_name}, n={n})")
     print(f"wrote {plot}")
     write_json(args.out, {"data": data_name, "images": images, "n0": n0, "n": n, "alpha": args.alpha,
-                          "epochs": epochs, "model": f"small_cnn width {args.width}", "image_shape": list(x.shape[1:]), "radii": RADII, "rows": rows,
+                          "epochs": epochs, "model": f"small_cnn width {args.width}", "image_shape": list(x.shape[1:]), "radii": radii, "rows": rows,
                           "seconds": time.perf_counter() - t_start,
                           "certified_radii": {k: v.radii.tolist() for k, v in curves.items()}})
 

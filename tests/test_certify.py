@@ -197,7 +197,7 @@ def step_config(tmp_path, **certify_params):
         "defenses": [{"label": "noise", "preprocessors": [{"name": "gaussian_noise", "sigma": 0.25}]},
                      {"label": "noise+bilateral", "preprocessors": [{"name": "noise_bilateral", "sigma": 0.25}]}],
         "attack": {"name": "pgd", "norm": "l2", "steps": 2, "eot_samples": 2, "label": "EOT-PGD-L2"},
-        "draws": 1,
+        "draws": 1, "vote_n": 10,
     }
     params.update(certify_params)
     return {"name": "certify tiny", "seed": 0, "device": "cpu", "output_dir": str(tmp_path / "out"),
@@ -216,6 +216,7 @@ def test_certify_step_end_to_end(tmp_path):
         (d, r) for d in ("noise", "noise+bilateral") for r in (0.0, 0.25, 0.5)]
     for r in rows:
         assert 0.0 <= r["certified"] <= 1.0 and 0.0 <= r["attack"] <= 1.0 and r["sigma"] == 0.25
+        assert 0.0 <= r["attack (vote)"] <= 1.0
     # certified accuracy does not grow with the radius
     for d in ("noise", "noise+bilateral"):
         cert = [r["certified"] for r in rows if r["defense"] == d]
@@ -228,6 +229,7 @@ def test_certify_step_end_to_end(tmp_path):
     # n = 40 draws cannot certify 0.5 at sigma 0.25: the report says the zero there is by construction
     assert any("0 by construction" in note and "0.5" in note for note in report.notes)
     assert "noise/certified_accuracy@0.25" in report.metrics and "noise/attack_accuracy@0.5" in report.metrics
+    assert "noise+bilateral/vote_attack_accuracy@0.5" in report.metrics
     saved = json.loads((out / "report.json").read_text())
     assert any(t["title"] == "Certification summary" for t in saved["tables"])
 

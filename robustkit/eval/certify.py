@@ -395,28 +395,59 @@ def predict_smoothed(
     return SmoothedPrediction(y, preds, pvals, n, alpha, time.perf_counter() - t0)
 
 
+def smoothed_vote(
+    defended: nn.Module,
+    x: torch.Tensor,
+    *,
+    n: int = 100,
+    batch_size: int = 1000,
+    sigma: float | None = None,
+    seed: int | None = 0,
+) -> torch.Tensor:
+    """The Monte Carlo majority vote of ``n`` draws per image (no test, no abstention): an estimate
+    of ``g(x)``, e.g. to score adversarial examples against the smoothed classifier itself."""
+    y = torch.zeros(len(x) if hasattr(x, "__len__") else 0, dtype=torch.long)
+    smooth, x, _, device = _prepare(defended, x, y, sigma, batch_size, seed)
+    n = _check_count(n, "n")
+    out = torch.empty(x.shape[0], dtype=torch.long)
+    with eval_mode(smooth.base):
+        for i in range(x.shape[0]):
+            out[i] = int(smooth.counts(x[i], n, batch_size, _generator(device, seed, i)).argmax())
+    return out
+
+
 # ----------------------------------------------------------------------------- plot
 def certified_accuracy_plot(
     results: dict[str, CertifyResult],
     path: str | Path,
-    empirical: dict[str, list[tuple[float, float]]] | None = None,
+    empirical: dict[str, Any] | None = None,
     title: str = "Certified accuracy vs. L2 radius",
 ) -> Path:
     """Certified accuracy against the L2 radius (solid, one line per defense) and, when given,
-    the empirical robust accuracy under an attack at a few radii (dashed, same colour)."""
+    accuracies an attack leaves at a few radii (dashed / dotted, the defense's colour).
+
+    ``empirical`` maps a defense label to ``[(radius, accuracy), ...]`` or to
+    ``{series name: [(radius, accuracy), ...]}`` (several attack readings per defense).
+    """
     from .plots import plt, save_figure
 
-    fig, ax = plt.subplots(figsize=(6, 3.8))
+    series: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for label, v in (empirical or {}).items():
+        series[label] = dict(v) if isinstance(v, dict) else {"attack": list(v)}
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
     top = max([float(r.radii.max()) if len(r.radii) else 0.0 for r in results.values()] +
-              [p[0] for pts in (empirical or {}).values() for p in pts] + [0.5])
+              [p[0] for d in series.values() for pts in d.values() for p in pts] + [0.5])
     grid = np.linspace(0.0, top * 1.05, 200)
+    styles = ["o--", "s:", "^-."]
     for i, (label, res) in enumerate(results.items()):
         color = f"C{i}"
         ax.plot(grid, [100 * a for a in res.certified_accuracy(list(grid))], "-", color=color,
                 label=f"{label}: certified (sigma={res.sigma:g})")
-        pts = sorted((empirical or {}).get(label, []))
-        if pts:
-            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], "o--", color=color, label=f"{label}: attack")
+        for j, (name, pts) in enumerate(series.get(label, {}).items()):
+            pts = sorted(pts)
+            if pts:
+                ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], styles[j % len(styles)], color=color,
+                        label=f"{label}: {name}")
     ax.set_xlabel("L2 radius")
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(-3, 103)
@@ -428,4 +459,4 @@ def certified_accuracy_plot(
 
 __all__ = ["ABSTAIN", "CertifyResult", "SmoothedClassifier", "SmoothedPrediction", "binomial_p_value",
            "certified_accuracy_plot", "certified_radius", "certify", "clopper_pearson_lower", "predict_smoothed",
-           "split_smoothing"]
+           "smoothed_vote", "split_smoothing"]
