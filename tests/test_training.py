@@ -233,19 +233,21 @@ def test_eot_is_used_when_the_training_defense_is_randomized(digits16):
 # --------------------------------------------------------------------------- the point of it
 @pytest.mark.slow
 def test_adversarial_training_beats_plain_training_under_pgd(digits16):
-    """Same model, data, epochs and optimizer: PGD-AT and TRADES models are far more robust."""
+    """Same model, data, epochs and optimizer: PGD-AT and TRADES models (trained at 16/255) are far
+    more robust under PGD-10 at 16/255 (digits are easy: at 8/255 plain training keeps ~0.4-0.5)."""
+    eps = 16 / 255
     x, y = to_tensors(digits16.test, 200)
-    attack = PGD(eps=EPS, steps=10, seed=0)
+    attack = PGD(eps=eps, steps=10, seed=0)
     results = {}
-    for name, step in (("plain", PlainStep()), ("pgd", PGDATStep(eps=EPS, steps=5)), ("trades", TRADESStep(eps=EPS, steps=5))):
+    for name, step in (("plain", PlainStep()), ("pgd", PGDATStep(eps=eps, steps=5)), ("trades", TRADESStep(eps=eps, steps=5))):
         model = _cnn(0)
         fit(model, digits16.train, step, epochs=3, lr=0.05, progress=False)
         res = robust_accuracy(model, attack, x, y, progress=False)
         results[name] = (res.clean_accuracy, res.robust_accuracy)
-    # measured: plain ~0.39, PGD-AT ~0.74, TRADES ~0.75 PGD accuracy (clean ~0.9 for all three)
-    assert results["pgd"][1] > results["plain"][1] + 0.15, results
-    assert results["trades"][1] > results["plain"][1] + 0.15, results
-    assert min(r[0] for r in results.values()) > 0.7, results
+    # measured: PGD accuracy plain 0.085, PGD-AT 0.47, TRADES 0.49 (clean 0.90, 0.715, 0.86)
+    assert results["pgd"][1] > results["plain"][1] + 0.2, results
+    assert results["trades"][1] > results["plain"][1] + 0.2, results
+    assert min(r[0] for r in results.values()) > 0.6, results
 
 
 def test_monitor_records_clean_and_pgd_accuracy_per_epoch(digits16, tmp_path):
