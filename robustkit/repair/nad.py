@@ -14,7 +14,7 @@ Erasing Backdoor Triggers from Deep Neural Networks", ICLR 2021.
 Both trainings run through :func:`robustkit.training.fit` (the student with :class:`NADStep`).
 
 Layer groups: the outputs of the network's last ``groups`` (3) resolution stages, found by tracing
-one forward pass: the last module finishing at each spatial size after the first conv (for a
+one forward pass: the last conv or container module finishing at each spatial size (for a
 PreActResNet18 ``layer2``, ``layer3``, ``layer4``, the paper's choice for its ResNets; for a
 SmallCNN the two conv stages and the last pooled map). ``layers=`` names them instead. A model
 without conv feature maps (a ViT) is refused with :class:`~robustkit.errors.InputError`.
@@ -68,7 +68,9 @@ def stage_outputs(model: nn.Module, x: torch.Tensor, groups: int = 3, method: st
     _refuse_tokens(model, calls, convs[-1], method)
     ends: dict[tuple[int, int], str] = {}
     for c in calls[convs[0]:]:
-        if len(c.shape) == 4 and c.shape[2] * c.shape[3] > 1:
+        # convs and containers only: a leaf BN / ReLU may already belong to the next stage (pre-activation blocks)
+        structural = isinstance(c.module, nn.Conv2d) or any(True for _ in c.module.children())
+        if structural and len(c.shape) == 4 and c.shape[2] * c.shape[3] > 1:
             ends.pop(c.shape[2:], None)  # keep insertion order = order of the stage's last call
             ends[c.shape[2:]] = c.name
     names = list(ends.values())

@@ -19,7 +19,8 @@ Mitigating Backdoor Attacks in Neural Networks", IEEE S&P 2019 - in PyTorch.
    index.
 3. *Mitigation by unlearning*: fine-tune (through :func:`robustkit.training.fit`) on the clean
    data where a ``stamp_ratio`` (20%, the paper's) share of every batch carries the reversed
-   trigger of a flagged label, keeping the *true* labels.
+   trigger of the detected target (``unlearn_all_flagged=True``: of every flagged label), keeping
+   the *true* labels.
 
 Simplifications (said in :class:`NeuralCleanse`'s docstring too): a fixed number of epochs per
 label instead of the code's early stop; the defender's class-balanced ``clean_ratio`` subset is
@@ -274,6 +275,8 @@ class NeuralCleanse(ModelRepair):
             paper's values except the epoch count).
         threshold: anomaly-index threshold (2).
         epochs, unlearn_lr, stamp_ratio: the unlearning fine-tuning (SGD through ``fit``; 20% stamped).
+        unlearn_all_flagged: unlearn the reversed triggers of every flagged label (default: only the
+            detected target's, the one with the largest anomaly index).
         clean_ratio: class-balanced share of the defender's clean data used (default 5%).
         max_acc_drop, holdout_ratio: the collapse guard (:mod:`robustkit.repair.guard`).
 
@@ -284,7 +287,8 @@ class NeuralCleanse(ModelRepair):
                  cost_multiplier: float = 1.5, patience: int = 5, attack_succ_threshold: float = 0.99,
                  threshold: float = 2.0, epochs: int = 10, unlearn_lr: float = 0.005, stamp_ratio: float = 0.2,
                  momentum: float = 0.9, weight_decay: float = 5e-4, clean_ratio: float = 0.05, eval_every: int = 1,
-                 seed: int = 0, *, max_acc_drop: float = MAX_ACC_DROP, holdout_ratio: float = HOLDOUT_RATIO):
+                 seed: int = 0, *, unlearn_all_flagged: bool = False, max_acc_drop: float = MAX_ACC_DROP,
+                 holdout_ratio: float = HOLDOUT_RATIO):
         for name, v, low in (("epochs_per_label", epochs_per_label, 1), ("batch_size", batch_size, 1),
                              ("patience", patience, 1), ("epochs", epochs, 0)):
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
@@ -306,6 +310,7 @@ class NeuralCleanse(ModelRepair):
         if not 0 < clean_ratio <= 1:
             raise InputError(f"clean_ratio must be in (0, 1], got {clean_ratio!r}")
         self.clean_ratio, self.eval_every, self.seed = float(clean_ratio), int(eval_every), int(seed)
+        self.unlearn_all_flagged = bool(unlearn_all_flagged)
         self.max_acc_drop = check_bound(max_acc_drop, "max_acc_drop")
         self.holdout_ratio = check_ratio(holdout_ratio, "holdout_ratio")
 
@@ -360,7 +365,8 @@ class NeuralCleanse(ModelRepair):
         measure = backdoor_monitor(test_data, backdoor, num_classes)
         history: list[dict[str, Any]] = []
         if details.flagged and self.epochs > 0:
-            step = UnlearnStep([(triggers[i].mask, triggers[i].pattern) for i in details.flagged], self.stamp_ratio)
+            labels = details.flagged if self.unlearn_all_flagged else [details.target]
+            step = UnlearnStep([(triggers[i].mask, triggers[i].pattern) for i in labels], self.stamp_ratio)
             callbacks = [Monitor(measure, self.eval_every, self.epochs)] if measure is not None else []
             history = fit(net, split.train, step, epochs=self.epochs, lr=self.unlearn_lr, batch_size=self.batch_size,
                           optimizer="sgd", momentum=self.momentum, weight_decay=self.weight_decay, schedule="cosine",

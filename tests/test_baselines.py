@@ -1,0 +1,300 @@
+"""Backdoor baselines (issue #16): each core formula by hand, refusals where a method does not apply,
+and each defense against a really backdoored SmallCNN (BadNets on 16x16 digits, trained once here)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from robustkit.errors import InputError
+from robustkit.filtering.strip import STRIP, DetectorGuard, prediction_entropy, superimpose
+from robustkit.registry import REPAIRS
+from robustkit.repair.fine_pruning import FinePruning, channel_means, last_conv_feature_map
+from robustkit.repair.nad import NAD, attention_distance, attention_map, stage_outputs
+from robustkit.repair.neural_cleanse import NeuralCleanse, UnlearnStep, anomaly_index, stamp
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: one BLAS thread is as fast on an idle machine and far faster on a shared one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _unchanged(model, state):
+    return all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def _vit():
+    from robustkit.models import SmallViT
+
+    return SmallViT(image_size=16, patch_size=4, in_channels=1, num_classes=10, dim=16, depth=1, heads=2)
+
+
+# --------------------------------------------------------------------------- formulas by hand
+def test_registered_names():
+    for name in ("fine_pruning", "neural_cleanse", "nad"):
+        assert name in REPAIRS
+    assert isinstance(REPAIRS.build({"name": "fine_pruning", "epochs": 0}), FinePruning)
+
+
+def test_last_conv_feature_map_and_refusals():
+    from robustkit.models import PreActResNet18, SmallCNN
+
+    x = torch.rand(2, 1, 16, 16)
+    assert last_conv_feature_map(SmallCNN(in_channels=1, width=4), x) == "body.4"  # conv-BN-ReLU of the last conv
+    assert last_conv_feature_map(PreActResNet18(in_channels=1, width=4), x) == "layer4"  # block output (conv + skip)
+    with pytest.raises(InputError, match="no nn.Conv2d"):
+        last_conv_feature_map(nn.Sequential(nn.Flatten(), nn.Linear(256, 10)), x)
+    with pytest.raises(InputError, match="tokens"):
+        last_conv_feature_map(_vit(), x)
+    data = (torch.rand(40, 1, 16, 16), torch.arange(40) % 10)
+    from robustkit.data import ArrayDataset
+
+    with pytest.raises(InputError, match="Vision Transformer"):
+        FinePruning(epochs=0).repair(_vit(), ArrayDataset(*data), progress=False)
+    with pytest.raises(InputError, match="tokens"):
+        NAD(teacher_epochs=1, epochs=1).repair(_vit(), ArrayDataset(*data), progress=False)
+
+
+def test_pruning_order_and_channel_means_by_hand():
+    # one conv whose 3 channels are (2 * x, -x, 0.5 * x): means over the images and positions by hand
+    conv = nn.Conv2d(1, 3, 1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([2.0, -1.0, 0.5]).view(3, 1, 1, 1))
+    model = nn.Sequential(conv, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2))
+    x = torch.rand(5, 1, 4, 4)
+    means = channel_means(model, model[1], x)
+    torch.testing.assert_close(means, torch.tensor([2.0, 0.0, 0.5]) * x.mean())
+    # dormant first; ties broken by the lower index
+    assert FinePruning.pruning_order(torch.tensor([0.3, 0.1, 0.2, 0.1])) == [1, 3, 2, 0]
+    assert FinePruning.pruning_order(means) == [1, 2, 0]
+
+
+def test_anomaly_index_by_hand():
+    norms = torch.tensor([2.0, 10.0, 11.0, 12.0, 13.0, 14.0])
+    med = (11.0 + 12.0) / 2  # even count: mean of the middle two
+    dev = [abs(v - med) for v in norms.tolist()]  # 9.5, 1.5, 0.5, 0.5, 1.5, 2.5
+    mad = (1.5 + 1.5) / 2  # median of the deviations
+    want = torch.tensor([d / (1.4826 * mad) for d in dev], dtype=torch.float64)
+    torch.testing.assert_close(anomaly_index(norms), want)
+    assert float(anomaly_index(norms)[0]) == pytest.approx(9.5 / (1.4826 * 1.5))
+    nc = NeuralCleanse()
+    from robustkit.repair.neural_cleanse import ReversedTrigger
+
+    trig = [ReversedTrigger(i, torch.zeros(2, 2), torch.zeros(1, 2, 2), float(v), 1.0, 0.0) for i, v in enumerate(norms)]
+    anomaly, flagged, target = nc.flag(trig)
+    assert flagged == [0] and target == 0  # index 4.27 > 2 and below the median
+    # a large norm is an outlier too, but on the wrong side: never flagged
+    trig[5].l1 = 40.0
+    assert nc.flag(trig)[1] == [0]
+    with pytest.raises(InputError):
+        anomaly_index(torch.tensor([1.0]))
+
+
+def test_stamp_and_unlearn_step_keep_labels():
+    x = torch.rand(8, 1, 4, 4)
+    m = torch.zeros(4, 4)
+    m[0, 0] = 1.0
+    p = torch.ones(1, 4, 4)
+    s = stamp(x, m, p)
+    assert torch.all(s[:, 0, 0, 0] == 1) and torch.equal(s[:, :, 1:], x[:, :, 1:])
+    step = UnlearnStep([(m, p)], stamp_ratio=1.0)
+    assert torch.all(step.stamp_batch(x)[:, 0, 0, 0] == 1)
+    assert torch.equal(UnlearnStep([(m, p)], stamp_ratio=0.0).stamp_batch(x), x)
+
+
+def test_nad_attention_map_by_hand():
+    a = torch.tensor([[[[1.0, -2.0]], [[3.0, 0.0]]]])  # N=1, C=2, H=1, W=2
+    raw = torch.tensor([1 + 9, 4 + 0.0])  # sum over channels of |a|^2
+    torch.testing.assert_close(attention_map(a), (raw / raw.norm()).view(1, 2))
+    b = torch.tensor([[[[0.0, 1.0]], [[0.0, 0.0]]]])  # map (0, 1)
+    want = (raw / raw.norm() - torch.tensor([0.0, 1.0])).norm()
+    torch.testing.assert_close(attention_distance(b, a), want)
+    torch.testing.assert_close(attention_distance(a, a), torch.tensor(0.0))
+    # p = 1: sum of absolute values
+    torch.testing.assert_close(attention_map(a, p=1), (torch.tensor([4.0, 2.0]) / math.sqrt(20)).view(1, 2))
+    with pytest.raises(InputError):
+        attention_map(torch.rand(2, 3))
+
+
+def test_nad_stage_outputs():
+    from robustkit.models import PreActResNet18, SmallCNN
+
+    x = torch.rand(2, 1, 16, 16)
+    assert stage_outputs(PreActResNet18(in_channels=1, width=4), x) == ["layer2", "layer3", "layer4"]
+    assert stage_outputs(SmallCNN(in_channels=1, width=4), x) == ["body.1", "body.4", "body"]
+
+
+def test_strip_entropy_and_superimposition_by_hand():
+    torch.testing.assert_close(prediction_entropy(torch.zeros(1, 2)), torch.tensor([1.0], dtype=torch.float64))
+    logits = torch.log(torch.tensor([[1.0, 3.0]]))  # p = (1/4, 3/4)
+    h = -(0.25 * math.log2(0.25) + 0.75 * math.log2(0.75))
+    assert float(prediction_entropy(logits)) == pytest.approx(h)
+    assert float(prediction_entropy(torch.tensor([[0.0, 0.0, 0.0, 0.0]]))) == pytest.approx(2.0)
+    a, b = torch.tensor([0.2, 0.7]), torch.tensor([0.5, 0.6])
+    torch.testing.assert_close(superimpose(a, b), torch.tensor([0.7, 1.0]))  # saturated sum
+    torch.testing.assert_close(superimpose(a, b, "average"), torch.tensor([0.35, 0.65]))
+
+
+class _Bright(nn.Module):
+    """Class 1 with confidence growing with the top-left pixel: blends of a bright corner stay confident."""
+
+    def forward(self, x):
+        z = 20 * (x[:, 0, 0, 0] - 0.5)
+        return torch.stack([-z, z], 1)
+
+
+def test_strip_threshold_at_the_false_rejection_rate():
+    g = torch.Generator().manual_seed(0)
+    clean = torch.rand(200, 1, 4, 4, generator=g) * 0.4  # dark corners: blends near 0.5, high entropy
+    det = STRIP(n_overlay=8, frr=0.05).fit(_Bright(), (clean, None))
+    h = det.entropy(clean[:200], exclude=torch.arange(200))
+    assert det.fitted.frr_on_fit <= 0.05 and det.fitted.n_clean == 200
+    flags, scores = det.detect(clean[:50])
+    assert torch.equal(flags, scores < det.threshold)
+    trig = clean[:50].clone()
+    trig[:, 0, 0, 0] = 1.0  # the "trigger": a saturated corner
+    out = det.evaluate(clean[:50], trig)
+    assert out["tpr"] == 1.0 and out["fpr"] <= 0.1
+    assert float(h.max()) <= 1.0 + 1e-9  # two classes: at most one bit
+    guard = det.wrap(mode="reject")
+    assert isinstance(guard, DetectorGuard)
+    pred = guard(torch.cat([clean[:5], trig[:5]])).argmax(1)
+    assert pred[5:].tolist() == [2] * 5 and guard.last_flags[5:].all()
+    with pytest.raises(InputError, match="not fitted"):
+        STRIP().detect(clean)
+
+
+# --------------------------------------------------------------------------- real backdoor
+@pytest.fixture(scope="module")
+def cnn_victim(digits16, victim):
+    """A SmallCNN (width 16) with a real BadNets backdoor (3x3 white patch, target 0) on 16x16 digits.
+
+    Width 16 and a 3x3 patch: at width 8 with a 2x2 patch the backdoor's strength under blending (STRIP)
+    and the dormant-channel structure (Fine-Pruning) changed with the float reduction order of training.
+    """
+    from robustkit.backdoor import BadNets
+    from robustkit.models import SmallCNN
+
+    atk = BadNets(size=3)
+    torch.manual_seed(0)
+    model, _, before = victim(SmallCNN(in_channels=1, width=16), atk, digits16.train, digits16.test,
+                              epochs=6, lr=0.05, batch_size=64)
+    assert before.acc > 0.9
+    return model, atk, before
+
+
+def _after(res, atk, digits16):
+    from robustkit.backdoor.metrics import backdoor_metrics
+
+    return backdoor_metrics(res.model, atk, digits16.test)
+
+
+@pytest.mark.slow
+def test_fine_pruning_removes_real_backdoor(cnn_victim, digits16, tmp_path):
+    model, atk, before = cnn_victim
+    state = _state(model)
+    # small-scale setting: the last conv layer has only 32 channels and the defender 69 images (one image is
+    # 1.4 points), so the paper's 4% accuracy bound stops short of the backdoor channels; 15% reaches them
+    res = FinePruning(max_prune_acc_drop=0.15, epochs=5, batch_size=32, eval_every=5).repair(
+        model, digits16.train, test_data=digits16.test, backdoor=atk, progress=False)
+    after = _after(res, atk, digits16)
+    d = res.details
+    assert _unchanged(model, state) and res.model is not model
+    assert d.layer == "body.4" and d.baked_into == "classifier" and d.pruned >= 1
+    assert d.sweep[0]["asr"] == pytest.approx(before.asr) and len(d.sweep) >= d.pruned + 1
+    # the pruning is in the weights: no hook left, the classifier's pruned columns are zero
+    assert not res.model.body[4]._forward_hooks
+    assert torch.all(res.model.classifier.weight[:, d.pruned_channels] == 0)
+    assert after.asr < 0.4 * before.asr, (before, after, d.sweep)
+    assert after.acc > before.acc - 0.08
+    assert [h["epoch"] for h in res.history if "asr" in h] == [0, 5]
+    assert res.history[-1]["asr"] == pytest.approx(after.asr)
+    assert d.figures(tmp_path) == ["fine_pruning_sweep.png"] and (tmp_path / "fine_pruning_sweep.png").is_file()
+    assert d.tables()[0][1] == d.sweep
+
+
+def test_fine_pruning_fixed_ratio_without_finetuning(cnn_victim, digits16):
+    model, _, _ = cnn_victim
+    res = FinePruning(prune_ratio=0.25, epochs=0).repair(model, digits16.train, progress=False)
+    assert res.details.pruned == 8 and res.history == []
+    x = digits16.test.images[:32] if hasattr(digits16.test, "images") else None
+    from robustkit.data import to_tensors
+
+    x, _ = to_tensors(digits16.test)
+    masked = copy.deepcopy(model)
+    from robustkit.repair.fine_pruning import ChannelMask
+
+    mk = ChannelMask(masked.body[4], 32)
+    mk.set(res.details.pruned_channels)
+    with torch.no_grad():
+        torch.testing.assert_close(res.model.eval()(x[:64]), masked.eval()(x[:64]), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_neural_cleanse_detects_target_and_unlearns(cnn_victim, digits16, tmp_path):
+    model, atk, before = cnn_victim
+    state = _state(model)
+    res = NeuralCleanse(epochs=5, eval_every=5).repair(model, digits16.train, test_data=digits16.test, backdoor=atk,
+                                                      progress=False)
+    d = res.details
+    after = _after(res, atk, digits16)
+    assert _unchanged(model, state)
+    assert d.target == atk.target and atk.target in d.flagged, d.tables()
+    assert d.anomaly[atk.target] > 2 and d.l1[atk.target] == min(d.l1)
+    assert d.masks.shape == (10, 1, 16, 16) and d.patterns.shape == (10, 1, 16, 16)
+    assert d.unlearned and after.asr < 0.3 * before.asr, (before, after)
+    assert after.acc > before.acc - 0.08
+    names = d.figures(tmp_path)
+    assert names == ["neural_cleanse_anomaly.png", "neural_cleanse_triggers.png"]
+    assert all((tmp_path / n).is_file() for n in names)
+    assert [r["label"] for r in d.tables()[0][1]] == list(range(10))
+
+
+@pytest.mark.slow
+def test_nad_removes_real_backdoor(cnn_victim, digits16):
+    model, atk, before = cnn_victim
+    state = _state(model)
+    # small-scale setting (documented in docs/baselines.md): a stronger teacher fine-tuning than the paper's
+    # 10 epochs at lr 0.01, since 5% of the digits is 69 images (3 steps per epoch)
+    res = NAD(teacher_epochs=20, teacher_lr=0.02, epochs=20, batch_size=32, eval_every=20).repair(
+        model, digits16.train, test_data=digits16.test, backdoor=atk, progress=False)
+    after = _after(res, atk, digits16)
+    d = res.details
+    assert _unchanged(model, state)
+    assert d.layers == ["body.1", "body.4", "body"] and d.betas == [10.0] * 3
+    assert after.asr < 0.3 * before.asr, (before, after, d)
+    assert after.acc > before.acc - 0.08
+    # the distillation, not the teacher's fine-tuning alone, removes the backdoor
+    assert d.teacher_asr > after.asr + 0.2
+    assert not any(m._forward_hooks for m in res.model.modules())
+
+
+def test_strip_detects_real_triggered_inputs(cnn_victim, digits16):
+    from robustkit.backdoor.metrics import triggered_test_set
+    from robustkit.data import to_tensors
+    from robustkit.repair.guard import split_clean
+
+    model, atk, _ = cnn_victim
+    state = _state(model)
+    det = STRIP(n_overlay=32).fit(model, split_clean(digits16.train, 0.1).train)
+    x, _ = to_tensors(digits16.test)
+    xt, _, _ = triggered_test_set(atk, digits16.test)
+    out = det.evaluate(x, xt)
+    assert out["tpr"] > 0.8 and out["fpr"] < 0.05, out
+    guard = det.wrap(mode="reject")
+    rejected = float((guard(xt[:100]).argmax(1) == 10).float().mean())
+    assert rejected > 0.8
+    assert _unchanged(model, state)
+
