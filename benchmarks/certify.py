@@ -114,7 +114,8 @@ def main() -> None:
     write_json(args.out, {"data": data_name, "images": images, "n0": n0, "n": n, "alpha": args.alpha,
                           "epochs": epochs, "model": f"small_cnn width {args.width}", "image_shape": list(x.shape[1:]), "radii": radii, "rows": rows,
                           "seconds": time.perf_counter() - t_start,
-                          "certified_radii": {k: v.radii.tolist() for k, v in curves.items()}})
+                          "certified_radii": {k: v.radii.tolist() for k, v in curves.items()},
+                          "correct": {k: v.correct.tolist() for k, v in curves.items()}})
 
 
 if __name__ == "__main__":
