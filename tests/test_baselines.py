@@ -298,3 +298,75 @@ def test_strip_detects_real_triggered_inputs(cnn_victim, digits16):
     assert rejected > 0.8
     assert _unchanged(model, state)
 
+
+
+# --------------------------------------------------------------------------- ANP
+def _bn_net():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
+    with torch.no_grad():
+        bn = net[1]
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    return net.eval()
+
+
+def test_anp_perturbed_neuron_and_mask_update_by_hand():
+    from robustkit.repair.anp import ANPNet, ANPStep
+    from robustkit.training import fit
+
+    net = _bn_net()
+    bn = net[1]
+    x = torch.rand(6, 3)
+    y = torch.tensor([0, 1, 1, 0, 1, 0])
+    anp = ANPNet(copy.deepcopy(net))
+    # the hook computes gamma (m + delta) x_hat + beta (1 + xi)
+    m, delta, xi = torch.tensor([1.0, 0.5, 0.0, 0.8]), torch.tensor([0.1, -0.2, 0.3, 0.0]), torch.tensor([0.4, 0.0, -0.1, 0.2])
+    with torch.no_grad():
+        anp.masks[0].copy_(m)
+    anp.deltas[0].copy_(delta)
+    anp.xis[0].copy_(xi)
+    anp.perturb = True
+    h = net[0](x)
+    x_hat = (h - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps)
+    want = net[3](torch.relu(bn.weight * (m + delta) * x_hat + bn.bias * (1 + xi)))
+    torch.testing.assert_close(anp(x), want)
+    anp.remove()
+
+    # one ANP iteration with eps = 0: the mask takes one SGD step of lr 0.2 on the clean loss, clipped to [0, 1]
+    anp = ANPNet(copy.deepcopy(net))
+    mask = torch.ones(4, requires_grad=True)
+    loss = nn.functional.cross_entropy(net[3](torch.relu(bn.weight * mask * x_hat + bn.bias)), y)
+    (g,) = torch.autograd.grad(loss, mask)
+    fit(anp, _Pairs(x, y), ANPStep(eps=0.0), epochs=1, lr=0.2,
+        batch_size=6, momentum=0.9, weight_decay=0.0, schedule="constant",
+        trainable=lambda n, p: n.startswith("masks."), train_mode=lambda mod: mod.eval(), progress=False)
+    anp.clip_masks()
+    torch.testing.assert_close(anp.masks[0].detach(), (1 - 0.2 * g).clamp(0, 1))
+    # the network's own weights did not move
+    for (n, p), q in zip(anp.net.named_parameters(), net.parameters()):
+        assert torch.equal(p, q), n
+    anp.remove()
+
+
+class _Pairs(torch.utils.data.Dataset):
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+def test_anp_refuses_a_model_without_batchnorm():
+    from robustkit.data import ArrayDataset
+    from robustkit.repair.anp import ANP
+
+    data = ArrayDataset(torch.rand(40, 1, 8, 8), torch.arange(40) % 10)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+    with pytest.raises(InputError, match="no BatchNorm"):
+        ANP(iterations=1).repair(model, data, progress=False)
