@@ -11,11 +11,25 @@ import torch
 from torch import nn
 
 from robustkit.errors import InputError
-from robustkit.filtering.strip import STRIP, DetectorGuard, prediction_entropy, superimpose
+from robustkit.filtering.strip import (
+    STRIP,
+    DetectorGuard,
+    prediction_entropy,
+    superimpose,
+)
 from robustkit.registry import REPAIRS
-from robustkit.repair.fine_pruning import FinePruning, channel_means, last_conv_feature_map
+from robustkit.repair.fine_pruning import (
+    FinePruning,
+    channel_means,
+    last_conv_feature_map,
+)
 from robustkit.repair.nad import NAD, attention_distance, attention_map, stage_outputs
-from robustkit.repair.neural_cleanse import NeuralCleanse, UnlearnStep, anomaly_index, stamp
+from robustkit.repair.neural_cleanse import (
+    NeuralCleanse,
+    UnlearnStep,
+    anomaly_index,
+    stamp,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -93,7 +107,7 @@ def test_anomaly_index_by_hand():
     from robustkit.repair.neural_cleanse import ReversedTrigger
 
     trig = [ReversedTrigger(i, torch.zeros(2, 2), torch.zeros(1, 2, 2), float(v), 1.0, 0.0) for i, v in enumerate(norms)]
-    anomaly, flagged, target = nc.flag(trig)
+    _, flagged, target = nc.flag(trig)
     assert flagged == [0] and target == 0  # index 4.27 > 2 and below the median
     # a large norm is an outlier too, but on the wrong side: never flagged
     trig[5].l1 = 40.0

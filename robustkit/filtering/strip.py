@@ -52,16 +52,16 @@ class InputDetector(abc.ABC):
     """
 
     @abc.abstractmethod
-    def fit(self, model: nn.Module, clean_data: Dataset) -> "InputDetector":
+    def fit(self, model: nn.Module, clean_data: Dataset) -> InputDetector:
         """Calibrate on the defender's clean data."""
 
     @abc.abstractmethod
     def detect(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(flags, scores)`` for a batch of images (flags True = suspected triggered)."""
 
-    def wrap(self, model: nn.Module | None = None, mode: str = "flag") -> "DetectorGuard":
+    def wrap(self, model: nn.Module | None = None, mode: str = "flag") -> DetectorGuard:
         """An ``nn.Module`` flagging or rejecting suspicious inputs in front of ``model`` (default: the fitted one)."""
-        return DetectorGuard(model if model is not None else getattr(self, "model"), self, mode)
+        return DetectorGuard(model if model is not None else self.model, self, mode)
 
     def evaluate(self, clean: torch.Tensor, triggered: torch.Tensor) -> dict[str, float]:
         """``{tpr, fpr}``: the flagged fractions of ``triggered`` and of ``clean`` inputs."""
@@ -194,7 +194,7 @@ class STRIP(InputDetector):
         bar.close()
         return out
 
-    def fit(self, model: nn.Module, clean_data: Dataset | tuple[torch.Tensor, Any], progress: bool = False) -> "STRIP":
+    def fit(self, model: nn.Module, clean_data: Dataset | tuple[torch.Tensor, Any], progress: bool = False) -> STRIP:
         """Keep ``clean_data``'s images as the overlay pool; set the threshold at ``frr`` on their entropies."""
         if not isinstance(model, nn.Module):
             raise InputError(f"model must be an nn.Module, got {type(model).__name__}")

@@ -48,7 +48,15 @@ from ..errors import InputError
 from ..registry import REPAIRS
 from ..training import TrainStep, fit, unwrap
 from ..training.steps import _check_finite
-from .guard import HOLDOUT_RATIO, MAX_ACC_DROP, check_bound, check_collapse, check_ratio, clean_accuracy, split_clean
+from .guard import (
+    HOLDOUT_RATIO,
+    MAX_ACC_DROP,
+    check_bound,
+    check_collapse,
+    check_ratio,
+    clean_accuracy,
+    split_clean,
+)
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 

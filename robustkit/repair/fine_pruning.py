@@ -38,9 +38,10 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -54,7 +55,15 @@ from ..inference import eval_mode
 from ..registry import REPAIRS
 from ..training import Monitor, PlainStep, fit
 from ..utils import model_device, progress_bar
-from .guard import HOLDOUT_RATIO, MAX_ACC_DROP, check_bound, check_collapse, check_ratio, clean_accuracy, split_clean
+from .guard import (
+    HOLDOUT_RATIO,
+    MAX_ACC_DROP,
+    check_bound,
+    check_collapse,
+    check_ratio,
+    clean_accuracy,
+    split_clean,
+)
 
 
 # --------------------------------------------------------------------------- tracing helpers
@@ -315,11 +324,11 @@ class FinePruning(ModelRepair):
         try:
             acc0 = clean_accuracy(net, data)
             sweep: list[dict[str, float]] = []
-            cap = min(channels - 1, int(math.floor(self.max_prune_ratio * channels + 1e-9)))
-            fixed = None if self.prune_ratio is None else min(cap, int(round(self.prune_ratio * channels)))
+            cap = min(channels - 1, math.floor(self.max_prune_ratio * channels + 1e-9))
+            fixed = None if self.prune_ratio is None else min(cap, round(self.prune_ratio * channels))
             chosen, acc_chosen = 0, acc0
             bar = progress_bar(cap + 1, "Fine-Pruning: prune", progress, unit="channel")
-            for k in range(0, cap + 1):
+            for k in range(cap + 1):
                 mask.set(order[:k])
                 acc = clean_accuracy(net, data)
                 row = {"pruned": k, "pruned_ratio": k / channels, "clean_acc": acc}

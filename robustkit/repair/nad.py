@@ -28,8 +28,9 @@ form). One ``beta`` list entry per layer group (a single number is used for all)
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +44,15 @@ from ..registry import REPAIRS
 from ..training import Monitor, PlainStep, TrainStep, fit, unwrap
 from ..training.steps import _check_finite
 from .fine_pruning import _refuse_tokens, trace_calls
-from .guard import HOLDOUT_RATIO, MAX_ACC_DROP, check_bound, check_collapse, check_ratio, clean_accuracy, split_clean
+from .guard import (
+    HOLDOUT_RATIO,
+    MAX_ACC_DROP,
+    check_bound,
+    check_collapse,
+    check_ratio,
+    clean_accuracy,
+    split_clean,
+)
 
 
 def attention_map(a: torch.Tensor, p: float = 2.0) -> torch.Tensor:
@@ -203,8 +212,8 @@ class NAD(ModelRepair):
         self.holdout_ratio = check_ratio(holdout_ratio, "holdout_ratio")
 
     def _fit_kw(self) -> dict[str, Any]:
-        return dict(batch_size=self.batch_size, optimizer="sgd", momentum=self.momentum,
-                    weight_decay=self.weight_decay, schedule="cosine", seed=self.seed)
+        return {"batch_size": self.batch_size, "optimizer": "sgd", "momentum": self.momentum,
+                "weight_decay": self.weight_decay, "schedule": "cosine", "seed": self.seed}
 
     def repair(self, model: nn.Module, clean_data: Dataset, *, test_data: Dataset | None = None,
                backdoor: Any = None, num_classes: int | None = None, inplace: bool = False,

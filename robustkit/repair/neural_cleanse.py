@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,15 @@ from ..registry import REPAIRS
 from ..training import Monitor, TrainStep, fit
 from ..training.steps import _check_finite
 from ..utils import model_device, progress_bar
-from .guard import HOLDOUT_RATIO, MAX_ACC_DROP, check_bound, check_collapse, check_ratio, clean_accuracy, split_clean
+from .guard import (
+    HOLDOUT_RATIO,
+    MAX_ACC_DROP,
+    check_bound,
+    check_collapse,
+    check_ratio,
+    clean_accuracy,
+    split_clean,
+)
 
 #: Consistency constant of the median absolute deviation for normally distributed data.
 MAD_CONSISTENCY = 1.4826
