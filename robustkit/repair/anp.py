@@ -173,6 +173,7 @@ class ANPDetails(ResultDetails):
     clean_samples: int
     pruned_per_layer: dict[str, list[int]] = field(default_factory=dict)
     masks: dict[str, list[float]] = field(default_factory=dict)
+    sweep: list[dict[str, float]] = field(default_factory=list)
     holdout_samples: int = 0
     holdout_acc_before: float | None = None
     holdout_acc_after: float | None = None
@@ -212,12 +213,17 @@ class ANP(ModelRepair):
         batch_size: 128.
         threshold: prune neurons whose mask is below it (0.2).
         clean_ratio: class-balanced share of the defender's clean data (1%, the paper's).
+        max_prune_acc_drop: ``None`` (the paper): prune every neuron below ``threshold``. A number
+            (robustkit's extension for small models and small clean sets, where the threshold alone
+            can prune a network to chance): prune the candidates lowest mask first and stop before
+            the clean accuracy on the defender's subset drops by more than this; the sweep is in
+            ``details.sweep``.
         max_acc_drop, holdout_ratio: the collapse guard (:mod:`robustkit.repair.guard`).
     """
 
     def __init__(self, eps: float = 0.4, anp_steps: int = 1, alpha: float = 0.2, mask_lr: float = 0.2,
                  iterations: int = 2000, batch_size: int = 128, threshold: float = 0.2, clean_ratio: float = 0.01,
-                 seed: int = 0, *, max_acc_drop: float = MAX_ACC_DROP, holdout_ratio: float = HOLDOUT_RATIO):
+                 max_prune_acc_drop: float | None = None, seed: int = 0, *, max_acc_drop: float = MAX_ACC_DROP, holdout_ratio: float = HOLDOUT_RATIO):
         for name, v in (("anp_steps", anp_steps), ("iterations", iterations), ("batch_size", batch_size)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise InputError(f"{name} must be an integer >= 1, got {v!r}")
@@ -230,6 +236,8 @@ class ANP(ModelRepair):
         self.eps, self.anp_steps, self.alpha = float(eps), anp_steps, check_bound(alpha, "alpha")
         self.mask_lr, self.iterations, self.batch_size = float(mask_lr), iterations, batch_size
         self.threshold = check_bound(threshold, "threshold")
+        self.max_prune_acc_drop = None if max_prune_acc_drop is None else check_bound(max_prune_acc_drop,
+                                                                                      "max_prune_acc_drop")
         self.clean_ratio, self.seed = float(clean_ratio), int(seed)
         self.max_acc_drop = check_bound(max_acc_drop, "max_acc_drop")
         self.holdout_ratio = check_ratio(holdout_ratio, "holdout_ratio")
@@ -274,23 +282,32 @@ class ANP(ModelRepair):
         history += trace
         net = model if inplace else copy.deepcopy(model)
         mods = dict(net.named_modules())
+        # candidates: every neuron whose mask is below the threshold, lowest mask first
+        cands = sorted(((float(v), name, int(i)) for name, m in masks.items() for i, v in enumerate(m)
+                        if float(v) < self.threshold), key=lambda t: (t[0], t[1], t[2]))
+        for _, name, _ in cands:
+            if not mods[name].affine:
+                raise InputError(f"ANP: BatchNorm layer {name} has no affine weight (gamma) to prune")
         pruned: dict[str, list[int]] = {}
+        sweep: list[dict[str, float]] = []
+        acc0 = clean_accuracy(net, split.train)
         with torch.no_grad():
-            for name, m in masks.items():
-                idx = torch.nonzero(m < self.threshold).flatten().tolist()
-                if idx:
-                    pruned[name] = idx
-                    bn = mods[name]
-                    if bn.affine:
-                        bn.weight[idx] = 0.0
-                    else:  # no gamma to zero: fold the pruning into the running variance would be wrong; refuse
-                        raise InputError(f"ANP: BatchNorm layer {name} has no affine weight to prune")
+            for k, (value, name, i) in enumerate(cands, 1):
+                saved = float(mods[name].weight[i])
+                mods[name].weight[i] = 0.0
+                if self.max_prune_acc_drop is not None:
+                    acc = clean_accuracy(net, split.train)
+                    sweep.append({"pruned": k, "mask": value, "clean_acc": acc})
+                    if acc0 - acc > self.max_prune_acc_drop + 1e-12:
+                        mods[name].weight[i] = saved  # the paper's threshold, stopped before this neuron
+                        break
+                pruned.setdefault(name, []).append(i)
         if measure is not None:
             history.append({"epoch": 1, **measure(net)})
         check = check_collapse("ANP", acc_before, net, split.holdout, self.max_acc_drop)
         n_pruned = sum(len(v) for v in pruned.values())
         details = ANPDetails(self.threshold, n_pruned, sum(m.numel() for m in masks.values()), iters, len(split.train),
-                             pruned, {n: [float(v) for v in m] for n, m in masks.items()}, check.samples,
+                             pruned, {n: [float(v) for v in m] for n, m in masks.items()}, sweep, check.samples,
                              check.acc_before, check.acc_after, self.max_acc_drop, check.collapsed)
         return RepairResult(net, history, details, collapsed=check.collapsed)
 
