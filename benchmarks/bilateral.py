@@ -215,6 +215,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", choices=["cpu", "cuda", "all"], default="all", help="cpu, cuda, or all available (default)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds of every method (default 3, --quick 1)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per method and round (default 9, --quick 3)")
+    p.add_argument("--case", choices=["cifar", "imagenet"], default=None, help="only this CPU/GPU case")
+    p.add_argument("--mode", choices=["fwd", "fwd+bwd"], default=None, help="only this mode")
     p.add_argument("--torch-path", action="store_true", help="also time the PyTorch fallback path (robustkit-torch-*)")
     p.add_argument("--omp-passive", action="store_true",
                    help="OMP_WAIT_POLICY=PASSIVE for every worker: on a shared, oversubscribed machine PyTorch's "
@@ -255,7 +257,11 @@ def main(argv=None) -> int:
         if device == "cpu" and args.torch_path:
             methods_for = {mode: ms[:2] + TORCH_PATH_METHODS[mode] + ms[2:] for mode, ms in CPU_METHODS.items()}
         for name, shape, k in cases:
+            if args.case and name != args.case:
+                continue
             for mode in ("fwd", "fwd+bwd"):
+                if args.mode and mode != args.mode:
+                    continue
                 per_round = []
                 for rnd in range(rounds):
                     results = {}

@@ -111,21 +111,20 @@ if numba is not None:
         """``2^max(t, lo)``: float32 as polynomial x exponent bits (vectorizes), float64 via libm."""
         if t == _t.float32:
             c0, c1, c2, c3, c4, c5, c6 = (np.float32(v) for v in EXP2_POLY)
-            half = np.float32(0.5)
-            bias = np.float32(127.0)
-            mant = np.float32(8388608.0)
+            mant = np.float32(8388608.0)  # 2^23
+            bias = np.float32(1065353216.0)  # 127 * 2^23, the bits of 1.0
 
             def impl32(t, lo):
                 v = max(t, lo)
-                k = np.floor(v + half)
-                f = v - k
+                k = np.rint(v)
+                f = v - k  # in [-1/2, 1/2]
                 p = c6 * f + c5
                 p = p * f + c4
                 p = p * f + c3
                 p = p * f + c2
                 p = p * f + c1
                 p = p * f + c0
-                return p * _f32_from_bits(np.int32((k + bias) * mant))  # p * 2^k
+                return p * _f32_from_bits(np.int32(k * mant + bias))  # p * 2^k (exact in float32)
 
             return impl32
         if isinstance(t, _t.Float):
@@ -192,7 +191,8 @@ if numba is not None:
     # serve the centre u = base + i twice: tap +o uses wb[i + o], tap -o uses wb[i].
     # acc rows: numerators of the C channels, then the denominator.
     @njit(nogil=True, fastmath=_FASTMATH)
-    def _fwd_pair3(xn, pstart, o, M, L, k2, s, low, l1, acc, wb):
+    def _pair_weights3(xn, pstart, o, M, k2, s, low, l1, wb):
+        """``wb[i] = w(p, p + o)`` for the pair starts ``p = pstart + i``, ``i < M`` (3 channels)."""
         u0, u1, u2 = xn[0, pstart : pstart + M], xn[1, pstart : pstart + M], xn[2, pstart : pstart + M]
         q = pstart + o
         v0, v1, v2 = xn[0, q : q + M], xn[1, q : q + M], xn[2, q : q + M]
@@ -204,9 +204,13 @@ if numba is not None:
             for i in range(M):
                 e0, e1, e2 = v0[i] - u0[i], v1[i] - u1[i], v2[i] - u2[i]
                 wb[i] = _exp2(-(k2 * (e0 * e0 + e1 * e1 + e2 * e2)) - s, low)
+
+    @njit(nogil=True, fastmath=_FASTMATH)
+    def _fwd_pair3(xn, pstart, o, M, L, k2, s, low, l1, acc, wb):
+        _pair_weights3(xn, pstart, o, M, k2, s, low, l1, wb)
         base = pstart + o
         f0, f1, f2 = xn[0, base + o : base + o + L], xn[1, base + o : base + o + L], xn[2, base + o : base + o + L]
-        b0, b1, b2 = u0[:L], u1[:L], u2[:L]  # x[u - o]
+        b0, b1, b2 = xn[0, pstart : pstart + L], xn[1, pstart : pstart + L], xn[2, pstart : pstart + L]  # x[u - o]
         wf = wb[o : o + L]
         a0, a1, a2, den = acc[0], acc[1], acc[2], acc[3]
         for i in range(L):
