@@ -106,6 +106,13 @@ def test_abstains_on_the_boundary_and_predict_agrees():
     assert pred.predictions[0] == ABSTAIN  # a 50/50 vote: the binomial test cannot separate the classes
 
 
+def test_smoothed_vote_is_the_majority():
+    from robustkit.eval.certify import smoothed_vote
+
+    votes = smoothed_vote(wrap(threshold_model(), GaussianNoise(0.25)), pixels(0.9, 0.1, 0.75), n=500, batch_size=500)
+    assert votes.tolist() == [1, 0, 1]
+
+
 def test_plain_model_with_sigma_is_gaussian_smoothing():
     x, y = pixels(0.8), torch.tensor([1])
     a = certify(threshold_model(), x, y, sigma=0.25, n=500, batch_size=500, progress=False)

@@ -453,7 +453,7 @@ def certified_accuracy_plot(
     ax.set_ylim(-3, 103)
     ax.grid(alpha=0.3)
     ax.set_title(title)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     return save_figure(fig, path)
 
 
