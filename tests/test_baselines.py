@@ -57,7 +57,9 @@ def _vit():
 
 # --------------------------------------------------------------------------- formulas by hand
 def test_registered_names():
-    for name in ("fine_pruning", "neural_cleanse", "nad"):
+    import robustkit.repair.anp  # noqa: F401  (registers "anp")
+
+    for name in ("fine_pruning", "neural_cleanse", "nad", "anp"):
         assert name in REPAIRS
     assert isinstance(REPAIRS.build({"name": "fine_pruning", "epochs": 0}), FinePruning)
 
@@ -384,3 +386,26 @@ def test_anp_refuses_a_model_without_batchnorm():
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
     with pytest.raises(InputError, match="no BatchNorm"):
         ANP(iterations=1).repair(model, data, progress=False)
+
+
+def test_anp_on_the_real_victim_prunes_within_the_accuracy_bound(cnn_victim, digits16, tmp_path):
+    """The mechanics on a real network (a few iterations; the digits victim's ASR is not claimed here, see
+    docs/baselines.md): masks per BN layer, the pruned neurons' gamma zeroed in a copy, the sweep bounded."""
+    from robustkit.repair.anp import ANP
+    from robustkit.repair.guard import clean_accuracy, split_clean
+
+    model, _, _ = cnn_victim
+    state = _state(model)
+    rep = ANP(iterations=10, clean_ratio=0.05, threshold=1.0, max_prune_acc_drop=0.05)
+    res = rep.repair(model, digits16.train, progress=False)
+    d = res.details
+    assert _unchanged(model, state)
+    assert set(d.masks) == {"body.0.1", "body.1.1", "body.3.1", "body.4.1"} and d.neurons == 96
+    assert all(0.0 <= v <= 1.0 for vs in d.masks.values() for v in vs)
+    mods = dict(res.model.named_modules())
+    for name, idx in d.pruned_per_layer.items():
+        assert torch.all(mods[name].weight[idx] == 0)
+    assert d.pruned == sum(len(v) for v in d.pruned_per_layer.values()) and len(d.sweep) >= d.pruned
+    sub = split_clean(digits16.train, 0.05).train
+    assert clean_accuracy(model, sub) - clean_accuracy(res.model, sub) <= 0.05 + 1e-9
+    assert d.figures(tmp_path) == ["anp_masks.png"] and d.tables()[0][1][0]["layer"] == "body.0.1"
