@@ -22,7 +22,6 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from torch import nn
 from torch.utils.data import Dataset
 
