@@ -409,3 +409,41 @@ def test_anp_on_the_real_victim_prunes_within_the_accuracy_bound(cnn_victim, dig
     sub = split_clean(digits16.train, 0.05).train
     assert clean_accuracy(model, sub) - clean_accuracy(res.model, sub) <= 0.05 + 1e-9
     assert d.figures(tmp_path) == ["anp_masks.png"] and d.tables()[0][1][0]["layer"] == "body.0.1"
+
+
+# --------------------------------------------------------------------------- I-BAU
+def test_ibau_implicit_hypergradient_by_hand():
+    """One outer step against the formula: grad_theta L + (dPhi/dtheta)^T v, v = (dPhi/ddelta)^T g + g
+    (one fixed-point iteration from v = g), Phi = delta + eta grad_delta L, with the Hessian written out."""
+    from robustkit.data import ArrayDataset
+    from robustkit.repair.ibau import IBAUStep
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    x = 0.25 + 0.5 * torch.rand(5, 1, 2, 2)  # x + delta stays inside [0, 1]: the clip is the identity
+    y = torch.tensor([0, 1, 2, 1, 0])
+    delta = 0.1 * torch.randn(1, 2, 2)
+    eta = 0.3
+    step = IBAUStep(ArrayDataset(x, y), eps=1.0, inner_steps=1, steps_per_round=100, fixed_point_iters=1, eta=eta)
+    step.setup(model, list(model.named_parameters()))
+    step.delta, step._count = delta, 1  # mid-round: keep this delta
+    for p in model.parameters():
+        p.grad = None
+    step(model, x, y)
+    got = [p.grad.clone() for p in model.parameters()]
+
+    w, b = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
+
+    def loss(dv, w, b):
+        return nn.functional.cross_entropy((x + dv.view(1, 1, 2, 2)).flatten(1) @ w.T + b, y)
+
+    d0 = delta.flatten()
+    g = torch.autograd.functional.jacobian(lambda dv: loss(dv, w, b), d0)
+    hess = torch.autograd.functional.hessian(lambda dv: loss(dv, w, b), d0)
+    v = (torch.eye(4) + eta * hess).T @ g + g
+    direct = torch.autograd.grad(loss(d0, w, b), [w, b])
+    d0r = d0.clone().requires_grad_(True)
+    (gi,) = torch.autograd.grad(loss(d0r, w, b), d0r, create_graph=True)
+    indirect = torch.autograd.grad(eta * (gi * v).sum(), [w, b])
+    for a, dd, ii in zip(got, direct, indirect):
+        torch.testing.assert_close(a, dd + ii, rtol=1e-4, atol=1e-6)
