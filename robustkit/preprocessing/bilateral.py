@@ -25,6 +25,9 @@ class BilateralFilter(Preprocessor):
     the paper's "a/b" schedule (e.g. 20/80). Defaults (k=5, sigma_color=0.1, sigma_space=1.5,
     L1 colour distance, circular window as OpenCV) are our choice for 32x32 images in [0, 1];
     the paper's exact values are not public (see docs/bilateral.md for the sweep).
+    ``backend`` as in :func:`~robustkit.preprocessing.kernels.bilateral_filter`: ``"auto"``
+    runs the fused Numba kernel on CPU and Triton on CUDA where available, else the PyTorch
+    path; ``"numba"``, ``"torch"`` and ``"triton"`` select one.
     """
 
     randomized = False
