@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from _common import add_data_option, parser, print_table, setup, write_json
 
 RADII = [0.0, 0.25, 0.5, 0.75, 1.0]
@@ -59,7 +58,12 @@ def main() -> None:
     from robustkit import wrap
     from robustkit.data import to_tensors
     from robustkit.eval import accuracy
-    from robustkit.eval.certify import certified_accuracy_plot, certified_radius, certify, clopper_pearson_lower
+    from robustkit.eval.certify import (
+        certified_accuracy_plot,
+        certified_radius,
+        certify,
+        clopper_pearson_lower,
+    )
     from robustkit.models.small_cnn import SmallCNN
     from robustkit.preprocessing import GaussianNoise, NoiseBilateral
     from robustkit.training import train_classifier

@@ -23,7 +23,13 @@ from robustkit.eval.certify import (
     predict_smoothed,
     split_smoothing,
 )
-from robustkit.preprocessing import BilateralFilter, Compose, GaussianNoise, NoiseBilateral, Quantize
+from robustkit.preprocessing import (
+    BilateralFilter,
+    Compose,
+    GaussianNoise,
+    NoiseBilateral,
+    Quantize,
+)
 
 T = 0.5  # threshold of the toy classifier
 

@@ -31,9 +31,10 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -151,7 +152,7 @@ class SmoothedClassifier:
     description: str = ""
 
     @classmethod
-    def from_defended(cls, defended: nn.Module, sigma: float | None = None) -> "SmoothedClassifier":
+    def from_defended(cls, defended: nn.Module, sigma: float | None = None) -> SmoothedClassifier:
         """From a :class:`Defended` starting with Gaussian noise, or from a plain model and ``sigma``
         (Gaussian smoothing of the model, noise clipped to [0, 1] as GaussianNoise does)."""
         if isinstance(defended, SmoothedClassifier):
@@ -243,7 +244,7 @@ class CertifyResult:
 
     def summary(self) -> dict[str, Any]:
         ok = self.correct
-        return {"images": int(len(self.labels)), "sigma": self.sigma, "n0": self.n0, "n": self.n, "alpha": self.alpha,
+        return {"images": len(self.labels), "sigma": self.sigma, "n0": self.n0, "n": self.n, "alpha": self.alpha,
                 "abstention_rate": self.abstention_rate, "certified_clean_accuracy": self.certified_accuracy(0.0),
                 "median_radius_correct": float(self.radii[ok].median()) if ok.any() else 0.0,
                 "seconds": self.seconds}

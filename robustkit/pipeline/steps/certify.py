@@ -7,8 +7,13 @@ from typing import Any
 
 from ...data import to_tensors
 from ...errors import ConfigError, InputError
-from ...eval.certify import (certified_accuracy_plot, certify as certify_images, predict_smoothed, smoothed_vote,
-                             split_smoothing)
+from ...eval.certify import (
+    certified_accuracy_plot,
+    predict_smoothed,
+    smoothed_vote,
+    split_smoothing,
+)
+from ...eval.certify import certify as certify_images
 from ...eval.robust import AttackSpec, evaluate_defenses, parse_defenses
 from ...registry import STEPS, parse_number
 from ...wrap import wrap
