@@ -447,3 +447,24 @@ def test_ibau_implicit_hypergradient_by_hand():
     indirect = torch.autograd.grad(eta * (gi * v).sum(), [w, b])
     for a, dd, ii in zip(got, direct, indirect):
         torch.testing.assert_close(a, dd + ii, rtol=1e-4, atol=1e-6)
+
+
+def test_ibau_on_the_real_victim_mechanics(cnn_victim, digits16):
+    """Rounds, a fresh universal perturbation of norm eps per round (it flips the clean subset to the target
+    class: the backdoor's direction), the input untouched. The digits numbers are in docs/baselines.md."""
+    from robustkit.repair.guard import split_clean
+    from robustkit.repair.ibau import IBAU, universal_perturbation
+
+    model, atk, _ = cnn_victim
+    state = _state(model)
+    sub = split_clean(digits16.train, 0.05).train
+    delta = universal_perturbation(model, sub.images, sub.labels, eps=2.5, steps=5)
+    assert float(delta.norm()) == pytest.approx(2.5, rel=1e-4)
+    with torch.no_grad():
+        flipped = model((sub.images + delta).clamp(0, 1)).argmax(1)
+    assert float((flipped == atk.target).float().mean()) > 0.8
+    res = IBAU(rounds=2).repair(model, digits16.train, test_data=digits16.test, backdoor=atk, progress=False)
+    d = res.details
+    assert _unchanged(model, state)
+    assert d.rounds == 2 and len(d.delta_norms) == 2 and all(n == pytest.approx(2.5, rel=1e-4) for n in d.delta_norms)
+    assert [h["epoch"] for h in res.history] == [0, 1, 2] and "asr" in res.history[-1]

@@ -176,12 +176,13 @@ class IBAU(ModelRepair):
         eta: step of the inner problem's fixed-point map.
         lr: outer learning rate (AdamW, no weight decay by default).
         batch_size, clean_ratio: the clean subset (class-balanced ``clean_ratio``, default 5%).
+        freeze_bn: train with BatchNorm in eval mode (running statistics frozen), for tiny clean sets.
         max_acc_drop, holdout_ratio: the collapse guard (:mod:`robustkit.repair.guard`).
     """
 
     def __init__(self, rounds: int = 5, eps: float = 2.5, inner_steps: int = 5, fixed_point_iters: int = 5,
                  eta: float = 0.1, lr: float = 1e-3, weight_decay: float = 0.0, batch_size: int = 32,
-                 clean_ratio: float = 0.05, eval_every: int = 1, seed: int = 0, *,
+                 clean_ratio: float = 0.05, freeze_bn: bool = False, eval_every: int = 1, seed: int = 0, *,
                  max_acc_drop: float = MAX_ACC_DROP, holdout_ratio: float = HOLDOUT_RATIO):
         for name, v in (("rounds", rounds), ("inner_steps", inner_steps), ("batch_size", batch_size)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -196,6 +197,7 @@ class IBAU(ModelRepair):
         self.rounds, self.eps, self.inner_steps, self.fixed_point_iters = rounds, float(eps), inner_steps, fixed_point_iters
         self.eta, self.lr, self.weight_decay, self.batch_size = float(eta), float(lr), float(weight_decay), batch_size
         self.clean_ratio, self.eval_every, self.seed = float(clean_ratio), int(eval_every), int(seed)
+        self.freeze_bn = bool(freeze_bn)
         self.max_acc_drop = check_bound(max_acc_drop, "max_acc_drop")
         self.holdout_ratio = check_ratio(holdout_ratio, "holdout_ratio")
 
@@ -214,6 +216,7 @@ class IBAU(ModelRepair):
         callbacks = [Monitor(measure, self.eval_every, self.rounds)] if measure is not None else []
         history = fit(net, split.train, step, epochs=self.rounds, lr=self.lr, batch_size=self.batch_size,
                       optimizer="adamw", weight_decay=self.weight_decay, schedule="constant", callbacks=callbacks,
+                      train_mode=(lambda m: m.eval()) if self.freeze_bn else None,
                       seed=self.seed, progress=progress, desc="I-BAU")
         check = check_collapse("IBAU", acc_before, net, split.holdout, self.max_acc_drop)
         details = IBAUDetails(self.rounds, self.eps, len(split.train), [float(d.norm()) for d in step.deltas],
