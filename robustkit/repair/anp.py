@@ -14,7 +14,8 @@ layer (``y = gamma x_hat + beta``) becomes
     min_m  alpha * L(m, 0, 0) + (1 - alpha) * max_{delta, xi} L(m, delta, xi)
 
 on the clean data: every iteration draws ``delta, xi ~ U(-eps, eps)``, takes ``anp_steps`` (1)
-ascent steps of size ``eps / anp_steps`` on the cross-entropy (clipped to the ball), then one SGD
+signed-gradient ascent steps of size ``eps / anp_steps`` on the cross-entropy (clipped to the
+box, as the paper's code does), then one SGD
 step on the masks (lr 0.2, momentum 0.9) of the weighted loss, the masks clipped to [0, 1]
 (:class:`ANPStep`; the iterations run in :func:`robustkit.training.fit` with only the masks
 trainable). Finally channels whose mask is below ``threshold`` (0.2) are pruned: their BN weight
@@ -144,7 +145,7 @@ class ANPStep(TrainStep):
                 grads = torch.autograd.grad(F.cross_entropy(model(x), y), noise)
                 with torch.no_grad():
                     for t, g in zip(noise, grads):
-                        t.add_(g, alpha=self.eps / self.anp_steps).clamp_(-self.eps, self.eps)
+                        t.add_(g.sign(), alpha=self.eps / self.anp_steps).clamp_(-self.eps, self.eps)
                 for t in noise:
                     t.requires_grad_(False)
             loss_rob = F.cross_entropy(model(x), y)
