@@ -125,7 +125,8 @@ def fit(
         opt = make_optimizer([p for _, p in params], optimizer, lr, momentum, weight_decay)
         steps_per_epoch = len(loader)
         sched = make_scheduler(opt, schedule, epochs * steps_per_epoch, int(warmup_epochs * steps_per_epoch))
-        step.set_seed(seed)
+        if hasattr(step, "set_seed"):  # steps written before set_seed existed need not have it
+            step.set_seed(seed)
         step.setup(model, params)
         runner: nn.Module = model
         scale: dict[str, float] = {"local": 1.0}
