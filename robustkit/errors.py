@@ -38,3 +38,8 @@ class InputError(RobustkitError, ValueError):
 
 class DataNotFoundError(RobustkitError, FileNotFoundError):
     """A data set or checkpoint is missing on disk and cannot be downloaded."""
+
+
+class RepairError(RobustkitError, RuntimeError):
+    """A repair found no admissible way to repair the model (e.g. every skip connection's
+    suppression collapses clean accuracy); the message names the numbers."""

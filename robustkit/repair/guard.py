@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..data.arrays import ArrayDataset, declared_classes, to_tensors
-from ..errors import InputError, RobustkitError
+from ..errors import InputError, RepairError
 from ..inference import predict
 
 #: Default bound on the held-out clean-accuracy drop of a repair (absolute, 10 points).
@@ -35,9 +35,7 @@ MAX_ACC_DROP = 0.10
 HOLDOUT_RATIO = 0.05
 
 
-class SuppressionError(RobustkitError, RuntimeError):
-    """A repair found no admissible way to repair the model (e.g. every skip connection's
-    suppression collapses clean accuracy); the message names the numbers."""
+SuppressionError = RepairError  # the name skip suppression raises; defined with the other errors
 
 
 def check_bound(value: float, name: str) -> float:

@@ -39,6 +39,10 @@ def repair(ctx: Context, /, defense: Any = "ft_sam", attack: Any = None) -> None
         ctx.log(f"  ACC {b.acc:.3f} -> {a.acc:.3f}  ASR {b.asr:.3f} -> {a.asr:.3f}  DER {out.der:.3f}")
     else:
         ctx.report.notes.append("repair: no trigger known, so ASR / RA / DER were not measured")
+    ctx.report.metrics["collapsed"] = out.result.collapsed
+    for line in out.warnings:
+        ctx.report.notes.append(line)
+        ctx.log(f"  {line}")
     details = out.result.details
     if details.summary():
         ctx.report.add_table(f"Repair details ({out.name})", [details.summary()])
