@@ -378,3 +378,14 @@ def test_shipped_adversarial_training_configs_validate():
         cfg = robustkit.load_config(f)
         train = next(s["train"] for s in cfg["steps"] if "train" in s)
         assert check_adversarial(train["adversarial"]) is not None
+
+
+def test_non_differentiable_training_defense_is_refused():
+    from robustkit.preprocessing import Quantize
+
+    if getattr(Quantize(), "differentiable", True):
+        pytest.skip("Quantize declares itself differentiable")
+    with pytest.raises(InputError, match="not differentiable"):
+        TRADESStep(preprocess=nn.Sequential(Quantize()))
+    assert PGDATStep(preprocess=nn.Sequential(GaussianNoise(0.1), BilateralFilter())).describe()["preprocess"] == \
+        "GaussianNoise+BilateralFilter"

@@ -92,6 +92,15 @@ def attack_modes(net: nn.Module, mode: str) -> Iterator[None]:
                 buf.copy_(value)
 
 
+def _name(pre: nn.Module | None) -> str | None:
+    """``NoiseBilateral``, ``GaussianNoise+BilateralFilter`` (for a Sequential), or None."""
+    if pre is None:
+        return None
+    if isinstance(pre, nn.Sequential):
+        return "+".join(type(m).__name__ for m in pre) or None
+    return type(pre).__name__
+
+
 class AdversarialStep(TrainStep):
     """Shared machinery of :class:`PGDATStep` and :class:`TRADESStep` (ball, modes, EOT, RNG, preprocessor).
 
@@ -122,6 +131,9 @@ class AdversarialStep(TrainStep):
         self.norm = norm
         if preprocess is not None and not isinstance(preprocess, nn.Module):
             raise InputError(f"preprocess must be an nn.Module (e.g. NoiseBilateral(...)), got {type(preprocess).__name__}")
+        if preprocess is not None and not all(getattr(m, "differentiable", True) for m in preprocess.modules()):
+            raise InputError("the training-time preprocessor is not differentiable, so the training attack has no "
+                             "gradient through it; use a differentiable defense (noise, bilateral) or train with PlainStep")
         self.preprocess = preprocess
         if eot_samples is not None:
             _check_int(eot_samples, "eot_samples", 1)
@@ -158,7 +170,7 @@ class AdversarialStep(TrainStep):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "eps": self.eps, "steps": self.steps, "alpha": self.step_size, "norm": self.norm,
                 "eot_samples": self.eot, "attack_mode": self.attack_mode,
-                "preprocess": None if self.preprocess is None else type(self.preprocess).__name__}
+                "preprocess": _name(self.preprocess)}
 
     # ------------------------------------------------------------------ loop hooks
     def set_seed(self, seed: int) -> None:
