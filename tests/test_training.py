@@ -98,7 +98,7 @@ def test_pgd_at_step_trains_on_pgd_examples_inside_the_ball(digits16):
     assert step.step_size == pytest.approx(2.5 * EPS / 4)
     step.set_seed(0)
     model.train()
-    loss, logits = step(model, x, y)
+    step(model, x, y)
     x_adv = step.last_adversarial
     assert (x_adv - x).abs().max() <= EPS + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
     model.eval()

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 from typing import Any, Mapping
 
 from torch import nn
@@ -63,7 +64,7 @@ def _int(value: Any, where: str, low: int) -> int:
 
 def _number(value: Any, where: str, positive: bool) -> float:
     v = parse_number(value, where)
-    if not (v == v and abs(v) != float("inf")) or v < 0 or (positive and v == 0):
+    if not math.isfinite(v) or v < 0 or (positive and v == 0):
         raise ConfigError(f"expected a finite number {'> 0' if positive else '>= 0'}, got {value!r}", where)
     return v
 

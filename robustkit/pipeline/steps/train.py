@@ -12,7 +12,12 @@ from ...eval.plots import training_curves
 from ...models.checkpoints import load_weights
 from ...preprocessing import build_preprocessor
 from ...registry import STEPS
-from ...training import RobustAccuracy, adversarial_step, check_adversarial, check_monitor
+from ...training import (
+    RobustAccuracy,
+    adversarial_step,
+    check_adversarial,
+    check_monitor,
+)
 from ...training import train as train_model
 from ..context import Context
 
