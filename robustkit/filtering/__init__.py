@@ -7,7 +7,8 @@ from .attention_entropy import AttentionEntropyFilter, attention_entropies, cls_
 from .common import fit_gmm2, is_bimodal, low_cluster, penultimate_features
 from .run import filter_metrics, ground_truth, run_filter, score_histogram
 from .spectral_signatures import SpectralSignatures
+from .strip import STRIP, DetectorGuard, InputDetector
 
 __all__ = ["AttentionEntropyFilter", "ActivationClustering", "SpectralSignatures", "cls_attention_entropy",
            "attention_entropies", "penultimate_features", "fit_gmm2", "is_bimodal", "low_cluster", "filter_metrics",
-           "ground_truth", "run_filter", "score_histogram"]
+           "ground_truth", "run_filter", "score_histogram", "STRIP", "InputDetector", "DetectorGuard"]
