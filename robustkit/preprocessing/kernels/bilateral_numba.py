@@ -17,8 +17,8 @@ loop computes the pair weights ``w(p, p + o)`` over the segment (colour distance
 channels, spatial term, ``2^t``), a second adds both taps to the numerator and denominator
 rows. Everything a tap touches is a row buffer that stays in L1/L2: one pass over the window
 per output pixel, no per-tap tensors in memory, half the exponentials of a tap-by-tap loop.
-Items are taken in chunks by ``torch.get_num_threads()`` threads (the caller and a small
-pool), each item written by exactly one thread.
+Items are claimed one at a time from a shared atomic counter by ``torch.get_num_threads()``
+threads (the caller and a small pool), each item written by exactly one thread.
 
 The weight ``exp(-dist^2/(2 s_c^2) - |o|^2/(2 s_s^2))`` is computed as ``2^t`` with
 ``t = -kk dist^2 - sp_o`` (``kk = log2(e)/(2 s_c^2)``, ``sp_o = log2(e)|o|^2/(2 s_s^2)``). In
@@ -39,10 +39,10 @@ races. Saved state is ``x``, ``out`` and ``1/D``, as on the other paths.
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -102,6 +102,22 @@ if numba is not None:
             return builder.bitcast(args[0], _ir.FloatType())
 
         return _t.float32(_t.int32), codegen
+
+    @intrinsic
+    def _fetch_add(typingctx, arr, idx):
+        """Atomically ``arr[idx] += 1``, returning the old value (int64 array)."""
+        if not (isinstance(arr, _t.Array) and arr.dtype == _t.int64):
+            return None
+
+        def codegen(context, builder, signature, args):
+            from numba.core import cgutils
+
+            aryty = signature.args[0]
+            ary = context.make_array(aryty)(context, builder, args[0])
+            ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]])
+            return builder.atomic_rmw("add", ptr, context.get_constant(_t.int64, 1), "seq_cst")
+
+        return _t.int64(arr, _t.intp), codegen
 
     def _exp2(t, lo):  # pragma: no cover - replaced by the overload below
         raise NotImplementedError
@@ -292,8 +308,8 @@ if numba is not None:
         return lambda xn, pstart, o, M, L, k2, s, low, l1, acc, wb: _fwd_pair_any(xn, pstart, o, M, L, k2, s, low, l1, acc, wb)
 
     @njit(nogil=True, cache=True, fastmath=_FASTMATH)
-    def _forward_items(x, r, iy, ix, offs, sp, kk, l1, out, inv_den, rows, consts, lo, hi):
-        """Forward on work items [lo, hi): item = (sample, block of ``rows`` output rows).
+    def _forward_items(x, r, iy, ix, offs, sp, kk, l1, out, inv_den, rows, consts, counter, total):
+        """Forward on work items (claimed from ``counter``, ``total`` of them): item = (sample, block of ``rows`` output rows).
 
         ``x``: N x C x H x W; ``iy``/``ix``: reflect-101 source rows/columns of the padded
         grid; ``offs``: flat half offsets on the padded grid (one per pair of opposite taps,
@@ -313,7 +329,10 @@ if numba is not None:
         one = consts[1]
         base = r * Wp + r  # output row y0, column 0 in the local padded rows
         uW, uWp = np.uintp(W), np.uintp(Wp)
-        for it in range(lo, hi):
+        while True:  # claim items one at a time (shared counter; see _run)
+            it = _fetch_add(counter, 0)
+            if it >= total:
+                break
             n = it // blocks
             y0 = (it % blocks) * rows
             y1 = min(H, y0 + rows)
@@ -343,6 +362,7 @@ if numba is not None:
                     orow = out[n, c, y]
                     for j in range(uW):
                         orow[j] = a[rb + j] * idr[j]
+            _fetch_add(counter, 1)  # done
 
     # ---------------------------------------------------------- backward
     # One pair of taps of the gather. Pass 1, over the pair starts p = pstart + i (i < M):
@@ -472,8 +492,8 @@ if numba is not None:
                 _bwd_pair_any(xn, Gn, bn_, pstart, o, M, L, k2, s, c2, low, zero, l1, acc, wb, tb))
 
     @njit(nogil=True, cache=True, fastmath=_FASTMATH)
-    def _backward_items(x, g, inv_den, out, r, iy2, ix2, offs, sp, kk, cf, l1, gpad, rows, consts, lo, hi):
-        """Padded gradient on work items [lo, hi): item = (sample, block of ``rows`` rows of the
+    def _backward_items(x, g, inv_den, out, r, iy2, ix2, offs, sp, kk, cf, l1, gpad, rows, consts, counter, total):
+        """Padded gradient on work items (claimed from ``counter``): item = (sample, block of ``rows`` rows of the
         r-padded grid). ``x``, ``g``, ``out``: N x C x H x W, ``inv_den``: N x 1 x H x W;
         ``iy2``/``ix2``: reflect-101 source rows/columns of the 2r-padded grid, on which ``offs``
         are flat; ``gpad``: N x C x (H+2r) x (W+2r); ``cf``: N values of ``1/s_c^2``."""
@@ -495,7 +515,10 @@ if numba is not None:
         zero = consts[2]
         base = r * Wq + r  # r-padded row z0, column 0 in the local 2r-padded rows
         uWq, uWr = np.uintp(Wq), np.uintp(Wr)
-        for it in range(lo, hi):
+        while True:  # claim items one at a time (shared counter; see _run)
+            it = _fetch_add(counter, 0)
+            if it >= total:
+                break
             n = it // blocks
             z0 = (it % blocks) * rows
             z1 = min(Hr, z0 + rows)
@@ -519,13 +542,17 @@ if numba is not None:
                     orow = gpad[n, c, z]
                     for j in range(uWr):
                         orow[j] = a[rb + j]
+            _fetch_add(counter, 1)  # done
 
     @njit(nogil=True, cache=True)
-    def _fold_items(gpad, grad, iy, ix, r, lo, hi):
+    def _fold_items(gpad, grad, iy, ix, r, counter, total):
         """Adjoint of the reflect-101 padding by r: ``grad[n, c] = fold(gpad[n, c])``, items = (n, c)."""
         N, C, H, W = grad.shape
         Hr, Wr = H + 2 * r, W + 2 * r
-        for it in range(lo, hi):
+        while True:  # claim items one at a time (shared counter; see _run)
+            it = _fetch_add(counter, 0)
+            if it >= total:
+                break
             n = it // C
             c = it % C
             gp = gpad[n, c]
@@ -546,6 +573,7 @@ if numba is not None:
                 else:
                     for j in range(Wr):
                         dst[ix[j]] += src[j]
+            _fetch_add(counter, 1)  # done
 
 
 # ------------------------------------------------------------------ threads
@@ -573,45 +601,36 @@ if hasattr(os, "register_at_fork"):
 
 
 def _run(fn, total: int, work: int, *args) -> None:
-    """Call ``fn(*args, lo, hi)`` on item ranges ``[lo, hi)`` covering ``range(total)``, on
-    ``torch.get_num_threads()`` threads (the calling thread is one of them).
+    """Run the item kernel ``fn(*args, counter, total)`` on ``torch.get_num_threads()`` threads
+    (the calling thread is one of them).
 
-    The items are cut into a few chunks per thread that threads take in turn, and the caller
-    waits for the chunks, not for the helper threads: on a busy machine a helper that starts
-    late finds nothing left to do instead of holding the call up.
+    Every thread makes one GIL-free call that claims items one at a time from a shared atomic
+    counter (``counter[0]``) and counts finished ones (``counter[1]``). When the caller's call
+    returns, every item is claimed; it then waits only for items still running on a helper. On a
+    busy machine a helper that starts late claims nothing instead of holding the call up, and
+    there is no per-chunk return to Python (no GIL hand-offs while the work runs).
     """
+    counter = np.zeros(2, dtype=np.int64)
     threads = max(1, min(torch.get_num_threads(), total))
     if threads == 1 or work < SERIAL_WORK:
-        fn(*args, 0, total)
+        fn(*args, counter, total)
         return
-    nchunks = min(total, 4 * threads)
-    bounds = [total * i // nchunks for i in range(nchunks + 1)]
-    counter = itertools.count()
-    lock = threading.Lock()
-    state = {"done": 0, "error": None}
-    finished = threading.Event()
+    errors: list[BaseException] = []
 
-    def work_loop():
-        while True:
-            i = next(counter)
-            if i >= nchunks:
-                return
-            try:
-                fn(*args, bounds[i], bounds[i + 1])
-            except BaseException as exc:  # re-raised in the caller
-                state["error"] = exc
-            with lock:
-                state["done"] += 1
-                if state["done"] == nchunks:
-                    finished.set()
+    def helper():
+        try:
+            fn(*args, counter, total)
+        except BaseException as exc:  # re-raised in the caller
+            errors.append(exc)
 
     pool = _pool(threads - 1)
     for _ in range(threads - 1):
-        pool.submit(work_loop)
-    work_loop()
-    finished.wait()
-    if state["error"] is not None:
-        raise state["error"]
+        pool.submit(helper)
+    fn(*args, counter, total)
+    while counter[1] < total and not errors:
+        time.sleep(0)  # yield: on a 2-core machine the helper may need this core to finish
+    if errors:
+        raise errors[0]
 
 
 # ------------------------------------------------------------------ helpers
