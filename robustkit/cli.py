@@ -1,4 +1,4 @@
-"""Command-line interface: ``robustkit demo | run | train | eval | repair | filter | list``."""
+"""Command-line interface: ``robustkit demo | run | train | eval | repair | certify | filter | list``."""
 
 from __future__ import annotations
 
@@ -95,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "load_model -> repair; see configs/repair_ftsam.yaml). The report holds ACC, ASR, RA and DER before "
                    "and after, and repair.png plots ACC and ASR over the repair epochs. Same options as run.",
                    "path to a YAML config with a repair step")
+    config_command("certify", "certify noise defenses with randomized smoothing (certified L2 accuracy vs radius)",
+                   "Run a pipeline config with a certify step (Cohen et al. 2019: CERTIFY / PREDICT for a defense whose "
+                   "first randomized part is Gaussian noise, e.g. noise_bilateral): certified L2 accuracy against the "
+                   "radius beside EOT-PGD L2, abstention, and certified_accuracy.png; see configs/certify_digits.yaml. "
+                   "Raise the draws with --set steps.1.certify.n=100000. Same options as run.",
+                   "path to a YAML config with a certify step")
     flt = sub.add_parser("filter", help="flag poisoned samples of a data set and write the kept subset",
                          description=FILTER_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     flt.add_argument("--model", required=True, help="robustkit checkpoint of a model trained on the suspect data")
@@ -251,11 +257,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(demo_config_path(), args, QUICK_OVERRIDES if args.quick else ())
         if args.command == "run":
             return _run(args.config, args)
-        if args.command in ("train", "eval", "repair"):
+        if args.command in ("train", "eval", "repair", "certify"):
             from .errors import ConfigError
             from .pipeline import load_config
 
-            needed = {"train": "train", "eval": "evaluate", "repair": "repair"}[args.command]
+            needed = {"train": "train", "eval": "evaluate", "repair": "repair", "certify": "certify"}[args.command]
             if getattr(args, "robustbench_model", None):
                 args.overrides = [f"model={{name: robustbench, model_name: {args.robustbench_model}, "
                                   f"model_dir: '{args.model_dir}', threat_model: {args.threat_model}}}", *args.overrides]

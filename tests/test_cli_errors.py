@@ -100,3 +100,9 @@ def test_list_several_kinds(capsys):
     out = capsys.readouterr().out
     assert "models:" in out and "datasets:" in out and "attacks:" not in out
     assert main(["list", "modles"]) == 2
+
+
+def test_certify_command_needs_a_certify_step(tmp_path, capsys):
+    assert main(["certify", _cfg(tmp_path, [{"evaluate": {"n_samples": 8}}]), "--dry-run"]) == 2
+    assert "has no 'certify' step" in _error(capsys)
+    assert main(["certify", "configs/certify_digits.yaml", "--dry-run"]) == 0
