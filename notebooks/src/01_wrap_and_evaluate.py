@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt
 import robustkit
 from robustkit.data import digits, to_tensors
 from robustkit.models import SmallCNN
-from robustkit.defenses import GaussianNoise, NoiseBilateral
+from robustkit.preprocessing import GaussianNoise, NoiseBilateral
 from robustkit.attacks import PGD, AutoAttack
 from robustkit.eval import robust_accuracy
 

@@ -25,10 +25,10 @@ import torch
 import matplotlib.pyplot as plt
 import robustkit
 from robustkit.data import digits
-from robustkit.attacks import BadNets, Blended
+from robustkit.backdoor import BadNets, Blended
 from robustkit.models import PreActResNet18
-from robustkit.defenses import FineTune, FTSAM, SkipSuppression
-from robustkit.eval.backdoor import backdoor_metrics, defense_effectiveness_rating
+from robustkit.repair import FineTune, FTSAM, SkipSuppression, repair_and_measure
+from robustkit.backdoor import backdoor_metrics
 
 # sizes: the defaults keep the notebook under a minute on 2 CPU cores
 SIZE = 16            # digits upsampled to SIZE x SIZE (32 in benchmarks/repair.py)
@@ -88,10 +88,11 @@ results = {}
 for aname, attack in attacks.items():
     for dname, defense in defenses.items():
         t0 = time.time()
-        results[aname, dname] = defense.repair(victims[aname], data.train, test_data=data.test, backdoor=attack,
-                                               progress=False)
+        # repair_and_measure: the defense sees only clean data; the trigger only measures ACC / ASR / RA / DER
+        results[aname, dname] = repair_and_measure(victims[aname], defense, data.train, data.test, attack,
+                                                   data.num_classes, progress=False)
         print(f"{aname:8} {dname:16} {time.time() - t0:5.1f} s")
-print("skip connection chosen on the BadNets victim:", results["BadNets", "SkipSuppression"].details["layer"])
+print("skip connection chosen on the BadNets victim:", results["BadNets", "SkipSuppression"].result.details.layer)
 
 # %% [markdown]
 # ## 3. ACC and ASR over the repair epochs
@@ -102,7 +103,7 @@ print("skip connection chosen on the BadNets victim:", results["BadNets", "SkipS
 fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), sharey=True)
 for ax, aname in zip(axes, attacks):
     for i, dname in enumerate(defenses):
-        hist = results[aname, dname].history
+        hist = results[aname, dname].result.history
         for key, style in (("acc", "-"), ("asr", "--")):
             pts = [(h["epoch"], 100 * h[key]) for h in hist if key in h]
             ax.plot(*zip(*pts), style, color=f"C{i}", label=f"{dname} {key.upper()}")
@@ -125,8 +126,9 @@ for aname, attack in attacks.items():
     b = before[aname]
     print(f"| {aname} | none | {b.acc:.1%} | {b.asr:.1%} | {b.ra:.1%} | |")
     for dname in defenses:
-        a = backdoor_metrics(results[aname, dname].model, attack, data.test)
-        print(f"| {aname} | {dname} | {a.acc:.1%} | {a.asr:.1%} | {a.ra:.1%} | {defense_effectiveness_rating(b, a):.3f} |")
+        out = results[aname, dname]
+        a = out.after
+        print(f"| {aname} | {dname} | {a.acc:.1%} | {a.asr:.1%} | {a.ra:.1%} | {out.der:.3f} |")
 print(f"\nnotebook ran in {time.time() - t_start:.0f} s")
 
 # %% [markdown]
@@ -135,8 +137,8 @@ print(f"\nnotebook ran in {time.time() - t_start:.0f} s")
 # by skip suppression stores its suppressed skip connection too, and `load_checkpoint` puts it back.
 
 # %%
-from robustkit.models.loaders import save_checkpoint, load_checkpoint
+from robustkit.models.checkpoints import save_checkpoint, load_checkpoint
 
-path = save_checkpoint(results["BadNets", "SkipSuppression"].model, "runs/notebook02/repaired_badnets.pt")
+path = save_checkpoint(results["BadNets", "SkipSuppression"].result.model, "runs/notebook02/repaired_badnets.pt")
 reloaded = load_checkpoint(path)
 print(path, "skip scaling:", reloaded.skip_scaling)

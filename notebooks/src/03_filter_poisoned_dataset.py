@@ -22,11 +22,11 @@ import torch
 import matplotlib.pyplot as plt
 import robustkit
 from robustkit.data import digits
-from robustkit.attacks import BadNets
+from robustkit.backdoor import BadNets
 from robustkit.models import SmallViT
-from robustkit.defenses import AttentionEntropyFilter, ActivationClustering, SpectralSignatures
-from robustkit.eval.backdoor import backdoor_metrics
-from robustkit.eval.filtering import filter_metrics
+from robustkit.filtering import AttentionEntropyFilter, ActivationClustering, SpectralSignatures
+from robustkit.backdoor import backdoor_metrics
+from robustkit.filtering import filter_metrics
 
 torch.manual_seed(0)
 torch.set_num_threads(2)
