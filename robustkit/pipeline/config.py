@@ -32,7 +32,8 @@ from typing import Any, Callable, Mapping, Sequence
 import yaml
 
 from ..errors import ConfigError, DataNotFoundError
-from ..registry import DATASETS, MODELS, STEPS
+from ..models.checkpoints import check_model_spec
+from ..registry import DATASETS, STEPS
 
 TOP_LEVEL_KEYS: dict[str, str] = {
     "name": "run name, used as the report title",
@@ -184,9 +185,8 @@ def validate_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     if "data" in cfg:
         name, params = DATASETS.split_spec(cfg["data"], "data")
         cfg["data"] = {"name": name, **DATASETS.check_kwargs(name, params, "data")}
-    if "model" in cfg:
-        name, params = MODELS.split_spec(cfg["model"], "model")
-        cfg["model"] = {"name": name, **MODELS.check_kwargs(name, params, "model")}
+    if "model" in cfg:  # architecture kwargs, plus checkpoint / strict (the file must exist)
+        cfg["model"] = check_model_spec(cfg["model"], "model")
     steps = []
     for name, params, path in _step_items(cfg.get("steps", [])):
         fn = STEPS.get(name, path.rsplit(".", 1)[0])
