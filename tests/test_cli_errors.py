@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import yaml
@@ -106,3 +108,18 @@ def test_certify_command_needs_a_certify_step(tmp_path, capsys):
     assert main(["certify", _cfg(tmp_path, [{"evaluate": {"n_samples": 8}}]), "--dry-run"]) == 2
     assert "has no 'certify' step" in _error(capsys)
     assert main(["certify", "configs/certify_digits.yaml", "--dry-run"]) == 0
+
+
+def test_unreadable_checkpoints_never_advise_weights_only_false(tmp_path):
+    from robustkit.errors import InputError
+    from robustkit.models.checkpoints import load_checkpoint
+
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    pickled = tmp_path / "objects.pt"
+    torch.save({"layer": torch.nn.Linear(2, 2)}, pickled)  # a module object, not a state dict
+    for path, message in ((garbage, "corrupt, truncated or of another format"),
+                          (pickled, re.escape("torch.save(model.state_dict(), path)"))):
+        with pytest.raises(InputError, match=message) as info:
+            load_checkpoint(path)
+        assert "weights_only` set to `False`" not in str(info.value) and "will likely succeed" not in str(info.value)

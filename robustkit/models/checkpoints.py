@@ -31,6 +31,29 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 CHECKPOINT_KEYS = ("name", "kwargs", "state_dict")
 
 
+
+def safe_torch_load(path: Path, map_location: Any = "cpu", what: str = "torch checkpoint") -> Any:
+    """``torch.load(weights_only=True)`` with one clear error for an unreadable file.
+
+    torch's own message for a file holding pickled objects advises ``weights_only=False``
+    (arbitrary code execution); robustkit never does that, so the error says what to do instead.
+    """
+    import zipfile
+
+    with open(path, "rb") as fh:
+        head = fh.read(2)
+    torch_like = zipfile.is_zipfile(path) or head[:1] == b"\x80"  # torch's zip format, or a legacy pickle
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # pickle errors, zip errors, truncated files, disallowed classes
+        text = str(exc)
+        if torch_like and ("Weights only load failed" in text or "weights_only" in text):
+            raise InputError(f"{path} holds Python objects beyond tensors and plain data, which robustkit does not "
+                             f"unpickle (it reads files with weights_only=True); save the weights with "
+                             f"torch.save(model.state_dict(), path)") from None
+        raise InputError(f"{path} is not a readable {what}: the file is corrupt, truncated or of another format "
+                         f"({type(exc).__name__})") from None
+
 def _registry_name(model: nn.Module) -> str | None:
     """The name the model's own class (not a parent) or instance was registered under."""
     name = model.__dict__.get("registry_name") or type(model).__dict__.get("registry_name")
@@ -103,11 +126,7 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not p.is_file():
         hint = " (it is a folder)" if p.is_dir() else ""
         raise DataNotFoundError(f"checkpoint not found: {p}{hint}")
-    try:
-        blob = torch.load(p, map_location=map_location, weights_only=True)
-    except Exception as exc:  # pickle errors, zip errors, truncated files, disallowed classes
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"{p} is not a readable torch checkpoint: {first}") from None
+    blob = safe_torch_load(p, map_location)
     if not isinstance(blob, dict) or not set(CHECKPOINT_KEYS) <= set(blob):
         found = sorted(map(str, blob))[:10] if isinstance(blob, dict) else f"a {type(blob).__name__}"
         hint = ""
@@ -210,10 +229,7 @@ def torchvision_from_config(
 def _load_torchvision_weights(net: nn.Module, wp: Path, name: str) -> None:
     if not wp.is_file():
         raise DataNotFoundError(f"weights file not found: {wp} (robustkit never downloads weights)")
-    try:
-        state = torch.load(wp, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise InputError(f"{wp} is not a readable torch weights file: {exc}") from None
+    state = safe_torch_load(wp, "cpu", "torch weights file")
     if isinstance(state, dict):
         for key in ("state_dict", "model"):
             if isinstance(state.get(key), dict):
@@ -293,11 +309,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True,
     if not p.is_file():
         hint = " (it is a folder)" if p.is_dir() else ""
         raise DataNotFoundError(f"checkpoint not found: {p}{hint}")
-    try:
-        blob = torch.load(p, map_location=map_location, weights_only=True)
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"{p} is not a readable torch checkpoint: {first}") from None
+    blob = safe_torch_load(p, map_location)
     state = _unwrap_state(blob, p)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
