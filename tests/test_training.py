@@ -389,3 +389,26 @@ def test_non_differentiable_training_defense_is_refused():
         TRADESStep(preprocess=nn.Sequential(Quantize()))
     assert PGDATStep(preprocess=nn.Sequential(GaussianNoise(0.1), BilateralFilter())).describe()["preprocess"] == \
         "GaussianNoise+BilateralFilter"
+
+
+def test_fit_accepts_int32_labels_and_refuses_float_labels():
+    """Datasets yielding int32 labels used to crash inside cross_entropy (issue #12)."""
+    from robustkit.errors import InputError
+    from robustkit.models import SmallCNN
+    from robustkit.training import fit
+
+    class Labels(torch.utils.data.Dataset):
+        def __init__(self, dtype):
+            self.dtype = dtype
+
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            return torch.rand(1, 8, 8), torch.tensor(i % 3, dtype=self.dtype)
+
+    torch.manual_seed(0)
+    history = fit(SmallCNN(in_channels=1, num_classes=3, width=4), Labels(torch.int32), epochs=1, progress=False)
+    assert len(history) == 1 and history[0]["loss"] > 0
+    with pytest.raises(InputError, match="integer class indices"):
+        fit(SmallCNN(in_channels=1, num_classes=3, width=4), Labels(torch.float32), epochs=1, progress=False)

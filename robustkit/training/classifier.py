@@ -84,12 +84,14 @@ def train(
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int = 0,
     model_name: str | None = None,
+    num_classes: int | None = None,
     **kwargs: Any,
 ) -> TrainResult:
     """Train a classifier (in place) and report clean accuracy, and ASR / RA when ``backdoor`` is given.
 
     ``backdoor`` is the :class:`~robustkit.base.BackdoorAttack` whose trigger is measured on
-    ``test_data`` after every epoch (history keys ``asr``, ``ra``). With ``checkpoint_dir``, a
+    ``test_data`` after every epoch (history keys ``asr``, ``ra``; ``num_classes`` for all-to-all
+    targets when the test set does not declare its classes). With ``checkpoint_dir``, a
     robustkit checkpoint is written atomically every ``checkpoint_every`` epochs (0: only the
     last) as ``epoch_XXX.pt`` plus ``last.pt``. Other keyword arguments go to
     :func:`train_classifier` (epochs, lr, optimizer, ...).
@@ -100,7 +102,7 @@ def train(
 
     def on_epoch_end(epoch: int, row: dict[str, Any]) -> None:
         if backdoor is not None and test_data is not None:
-            m = backdoor_metrics(model, backdoor, test_data)
+            m = backdoor_metrics(model, backdoor, test_data, num_classes)
             row.update(asr=m.asr, ra=m.ra)
         if ckdir is not None and ((checkpoint_every and epoch % checkpoint_every == 0) or epoch == epochs):
             path = save_checkpoint(model, ckdir / f"epoch_{epoch:03d}.pt", name=model_name, **{k: v for k, v in row.items() if isinstance(v, (int, float))})

@@ -143,7 +143,7 @@ def fit(
                 t0 = time.perf_counter()
                 loss_sum = correct = seen = 0.0
                 for b, (x, y) in enumerate(loader):
-                    x, y = x.to(device, non_blocking=True), torch.as_tensor(y).to(device, non_blocking=True)
+                    x, y = x.to(device, non_blocking=True), _labels(y).to(device, non_blocking=True)
                     opt.zero_grad(set_to_none=True)
                     if world > 1:
                         step.shard = sampler.shards[b]
@@ -177,6 +177,14 @@ def fit(
             p.requires_grad_(flag)
         model.eval()
     return history
+
+
+def _labels(y: Any) -> torch.Tensor:
+    """Batch labels as int64 class indices (any integer dtype converts; floats are an error)."""
+    y = torch.as_tensor(y)
+    if y.is_floating_point() or y.dtype == torch.bool or y.is_complex():
+        raise InputError(f"training labels must be integer class indices, got dtype {y.dtype}")
+    return y if y.dtype == torch.int64 else y.long()
 
 
 def _world(distributed: bool | None) -> tuple[int, int]:

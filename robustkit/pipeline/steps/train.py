@@ -91,7 +91,7 @@ def train(ctx: Context, /, epochs: int = 10, lr: float = 0.05, batch_size: int =
     if mon is not None:
         callbacks.append(RobustAccuracy(data.test, preprocess=pre_or_none, epochs=epochs, seed=ctx.seed, **mon))
     result = train_model(
-        model, data.train, data.test, backdoor=ctx.backdoor,
+        model, data.train, data.test, backdoor=ctx.backdoor, num_classes=data.num_classes,
         checkpoint_dir=ctx.out_path("checkpoints") if checkpoint_every > 0 and ctx.is_main else None,
         checkpoint_every=checkpoint_every, model_name=ctx.config["model"]["name"] if "model" in ctx.config else None,
         epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, momentum=momentum, weight_decay=weight_decay,
