@@ -15,13 +15,10 @@ mode, SIG delta = 80/255 at 9% poisoning (clean label: 10% is more than all trai
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
 import time
-from pathlib import Path
 
+import _common
 import torch
 
 ATTACKS = {
@@ -38,16 +35,15 @@ MODELS = {
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="SmallCNN only, 8 epochs")
+    p = _common.parser(__doc__, "benchmarks/results/backdoor.json", "SmallCNN only, 8 epochs")
     p.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
-    p.add_argument("--out", default="benchmarks/results/backdoor.json")
     args = p.parse_args(argv)
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    _common.setup(args)
 
     import robustkit
+    from robustkit.backdoor import backdoor_metrics
     from robustkit.data import digits
-    from robustkit.eval.backdoor import backdoor_metrics
+    from robustkit.eval.plots import plt
     from robustkit.eval.report import save_figure
     from robustkit.pipeline import build_model
 
@@ -82,17 +78,7 @@ def main(argv=None) -> int:
             print(f"{mname:10} {aname:8} {row['rate']:5.2f} {fmt(row['acc']):>6} {fmt(row['asr']):>6} {fmt(row['ra']):>6} "
                   f"{fmt(row['acc_drop']):>6} {row['seconds']:5.0f}", flush=True)
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"quick": args.quick, "rows": rows}, indent=2))
-    os.replace(tmp, out)
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    out = _common.write_json(args.out, {"benchmark": "backdoor", "quick": args.quick, "rows": rows})
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.5), squeeze=False)
     for ax, mname in zip(axes[0], models):
         rs = [r for r in rows if r["model"] == mname and r["attack"] != "none"]
@@ -108,7 +94,7 @@ def main(argv=None) -> int:
         ax.set_title(mname)
         ax.legend(fontsize=7, loc="lower right")
     save_figure(fig, out.with_suffix(".png"))
-    print(f"\nwrote {out} and {out.with_suffix('.png')}")
+    print(f"wrote {out.with_suffix('.png')}")
     return 0
 
 

@@ -16,12 +16,11 @@ Filters run with their defaults except spectral signatures, told the true poison
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
+import _common
 import torch
 
 ATTACKS = {
@@ -50,20 +49,17 @@ def layer_diagnostics(result, truth: torch.Tensor) -> tuple[list[float], list[fl
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="BadNets only, 15 epochs")
+    p = _common.parser(__doc__, "benchmarks/results/filtering.json", "BadNets only, 15 epochs")
     p.add_argument("--attacks", nargs="*", default=list(ATTACKS), choices=list(ATTACKS))
-    p.add_argument("--out", default="benchmarks/results/filtering.json")
     args = p.parse_args(argv)
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    _common.setup(args)
 
     import robustkit
+    from robustkit.backdoor import backdoor_metrics
     from robustkit.data import digits
-    from robustkit.eval.backdoor import backdoor_metrics
-    from robustkit.eval.filtering import filter_metrics
     from robustkit.eval.plots import plt
-    from robustkit.eval.report import environment_info, save_figure
-    from robustkit.io import atomic_write_json
+    from robustkit.eval.report import save_figure
+    from robustkit.filtering import filter_metrics
     from robustkit.training import train
 
     data = digits(size=32)
@@ -136,10 +132,9 @@ def main(argv=None) -> int:
     fig.suptitle("SmallViT on digits: filter scores of clean and poisoned training samples", y=1.01)
     fig.tight_layout()
     save_figure(fig, out.with_suffix(".png"))
-    atomic_write_json(out, {"benchmark": "filtering", "vit": VIT, "recipe": recipe, "filters": FILTERS,
-                            "attacks": {a: ATTACKS[a] for a in attacks}, "rows": rows, "targets": checks,
-                            "environment": environment_info(), "argv": sys.argv[1:]})
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    _common.write_json(out, {"benchmark": "filtering", "vit": VIT, "recipe": recipe, "filters": FILTERS,
+                             "attacks": {a: ATTACKS[a] for a in attacks}, "rows": rows, "targets": checks})
+    print(f"wrote {out.with_suffix('.png')}")
     return 0
 
 

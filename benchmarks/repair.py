@@ -18,13 +18,11 @@ values). SkipSuppression: the paper's 10 epochs of stage fine-tuning, also at ba
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
 
+import _common
 import torch
 
 ATTACKS = {
@@ -44,19 +42,18 @@ DEFENSES = {
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="BadNets and Blended only, 15 victim epochs")
+    p = _common.parser(__doc__, "benchmarks/results/repair.json", "BadNets and Blended only, 15 victim epochs")
     p.add_argument("--attacks", nargs="*", default=list(ATTACKS), choices=list(ATTACKS))
-    p.add_argument("--out", default="benchmarks/results/repair.json")
     args = p.parse_args(argv)
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    _common.setup(args)
 
     import robustkit
+    from robustkit.backdoor import backdoor_metrics
     from robustkit.data import digits
-    from robustkit.eval.backdoor import backdoor_metrics, defense_effectiveness_rating
     from robustkit.eval.plots import plt
-    from robustkit.eval.report import environment_info, save_figure
+    from robustkit.eval.report import save_figure
     from robustkit.models import PreActResNet18
+    from robustkit.repair import repair_and_measure
     from robustkit.training import train
 
     data = digits(size=32)
@@ -81,10 +78,9 @@ def main(argv=None) -> int:
             defense = robustkit.REPAIRS.build(dspec)
             t0 = time.perf_counter()
             # the clean split, never the poisoned one; the trigger is used only to measure
-            result = defense.repair(model, data.train, test_data=data.test, backdoor=atk, progress=False)
+            outcome = repair_and_measure(model, defense, data.train, data.test, atk, data.num_classes, progress=False)
             sec = time.perf_counter() - t0
-            after = backdoor_metrics(result.model, atk, data.test)
-            der = defense_effectiveness_rating(before, after)
+            result, after, der = outcome.result, outcome.after, outcome.der
             row = {"attack": aname, "defense": dname, "acc": after.acc, "asr": after.asr, "ra": after.ra, "der": der,
                    "seconds": sec}
             if "layer" in result.details:
@@ -138,13 +134,10 @@ def main(argv=None) -> int:
     axes[0][-1].legend(fontsize=6)
     fig.suptitle("PreActResNet18-w16 on digits: ACC (solid) and ASR (dashed) during repair", y=1.03)
     save_figure(fig, out.with_suffix(".png"))
-    result = {"benchmark": "repair", "victim": victim, "budget": BUDGET, "defenses": DEFENSES,
-              "attacks": {a: ATTACKS[a] for a in attacks}, "rows": rows, "mean": summary, "targets": checks,
-              "environment": environment_info(), "argv": sys.argv[1:]}
-    from robustkit.io import atomic_write_json
-
-    atomic_write_json(out, result)
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    _common.write_json(out, {"benchmark": "repair", "victim": victim, "budget": BUDGET, "defenses": DEFENSES,
+                             "attacks": {a: ATTACKS[a] for a in attacks}, "rows": rows, "mean": summary,
+                             "targets": checks})
+    print(f"wrote {out.with_suffix('.png')}")
     return 0
 
 

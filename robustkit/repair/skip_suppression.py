@@ -32,12 +32,12 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from ..base import ModelRepair, RepairResult, ResultDetails
 from ..data.arrays import ArrayDataset, to_tensors
 from ..errors import InputError
 from ..registry import BACKDOORS, REPAIRS
+from ..utils import progress_bar
 from ..backdoor.metrics import backdoor_monitor
 from ..models.introspect import find_skip_connections, scale_skips
 from .finetune import finetune_loop
@@ -224,7 +224,7 @@ class SkipSuppression(ModelRepair):
         sweep: dict[str, list[float]] = {}
         sweep_acc: dict[str, list[float]] = {}
         applied: dict[str, float] = {}
-        bar = tqdm(total=len(skips) * len(GAMMAS), desc="gamma sweep", disable=None if progress else True, leave=False)
+        bar = progress_bar(len(skips) * len(GAMMAS), "gamma sweep", progress)
         for s in skips:
             row, accs = [], []
             for g in gammas:
