@@ -144,3 +144,37 @@ def check_positive(value: float, name: str, *, allow_zero: bool = False) -> floa
         bound = ">= 0" if allow_zero else "> 0"
         raise InputError(f"{name} must be finite and {bound}, got {value!r}")
     return v
+
+
+def check_int(value: object, name: str, *, minimum: int | None = None, maximum: int | None = None,
+              error: type[Exception] = InputError) -> int:
+    """An integer (not a bool) within ``[minimum, maximum]``; ``error`` is the layer's error type
+    (:class:`InputError` for library calls, :class:`~robustkit.errors.ConfigError` for configs)."""
+    bounds = f" >= {minimum}" if maximum is None and minimum is not None else (
+        f" in [{minimum}, {maximum}]" if minimum is not None else (f" <= {maximum}" if maximum is not None else ""))
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise error(f"{name} must be an integer{bounds}, got {value!r}")
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        raise error(f"{name} must be an integer{bounds}, got {value!r}")
+    return value
+
+
+def check_range(value: object, name: str, low: float, high: float, *, low_open: bool = False,
+                high_open: bool = False, error: type[Exception] = InputError) -> float:
+    """A finite number in the interval ``[low, high]`` (ends open when asked)."""
+    lb, hb = ("(" if low_open else "["), (")" if high_open else "]")
+    try:
+        v = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise error(f"{name} must be a number in {lb}{low}, {high}{hb}, got {value!r}") from None
+    if isinstance(value, bool) or not math.isfinite(v) or v < low or v > high or (low_open and v == low) or (
+            high_open and v == high):
+        raise error(f"{name} must be a number in {lb}{low}, {high}{hb}, got {value!r}")
+    return v
+
+
+def check_choice(value: object, name: str, choices: "tuple | list", error: type[Exception] = InputError) -> object:
+    """One of ``choices``; the error lists them."""
+    if value not in choices:
+        raise error(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value

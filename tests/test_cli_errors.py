@@ -80,7 +80,7 @@ def test_dry_run_catches_poison_target_and_rate(tmp_path, capsys):
     assert "42" in _error(capsys)
     path = _cfg(tmp_path, [{"poison": {"attack": "badnets", "rate": 1.5}}])
     assert main(["run", path, "--dry-run"]) == 2
-    assert "fraction in [0, 1]" in _error(capsys)
+    assert "poisoned fraction) must be a number in [0.0, 1.0]" in _error(capsys)
 
 
 def test_dry_run_loads_checkpoints(tmp_path, capsys):

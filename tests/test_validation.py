@@ -171,3 +171,24 @@ def test_output_classes_feeds_check_num_classes():
         check_num_classes(output_classes(m, x), 10, model="ckpt.pt", data="digits")
     with pytest.raises(InputError, match=r"\[0, 1\]"):
         output_classes(m, x * 255)
+
+
+def test_shared_check_helpers_raise_the_layers_error():
+    from robustkit.errors import ConfigError, InputError
+    from robustkit.validation import check_choice, check_int, check_range
+
+    assert check_int(3, "steps", minimum=1) == 3
+    for bad in (0, 1.5, True, "3"):
+        with pytest.raises(InputError, match="steps must be an integer >= 1"):
+            check_int(bad, "steps", minimum=1)
+    with pytest.raises(ConfigError, match=r"k must be an integer in \[1, 4\]"):
+        check_int(5, "k", minimum=1, maximum=4, error=ConfigError)
+    assert check_range(0.5, "rate", 0, 1) == 0.5
+    for bad in (-0.1, 1.1, float("nan"), "x", False):
+        with pytest.raises(InputError, match=r"rate must be a number in \[0, 1\]"):
+            check_range(bad, "rate", 0, 1)
+    with pytest.raises(InputError, match=r"\(0, 1\]"):
+        check_range(0.0, "ratio", 0, 1, low_open=True)
+    assert check_choice("l2", "norm", ("linf", "l2")) == "l2"
+    with pytest.raises(ConfigError, match="norm must be one of 'linf', 'l2'"):
+        check_choice("l1", "norm", ("linf", "l2"), error=ConfigError)

@@ -22,6 +22,7 @@ from torch import nn
 from ..base import EvasionAttack, format_eps
 from ..errors import InputError
 from ..registry import ATTACKS
+from ..validation import check_choice, check_int
 
 VERSIONS = ("standard", "rand", "plus", "custom")
 DEFAULT_N_ITER = 100  # APGD / FAB iterations in every published version
@@ -64,14 +65,13 @@ class AutoAttack(EvasionAttack):
                  eot_iter: int | None = None):
         super().__init__(eps=eps, norm=norm)
         for name, v in (("n_iter", n_iter), ("eot_iter", eot_iter)):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise InputError(f"{name} must be an integer >= 1, got {v!r}")
+            if v is not None:
+                check_int(v, name, minimum=1)
         if eot_iter is not None and version != "rand":
             raise InputError("eot_iter applies to version='rand' only (the other versions use no EOT)")
         self.eot_iter = eot_iter
         self._deterministic_target = False
-        if version not in VERSIONS:
-            raise InputError(f"version must be one of {VERSIONS}, got {version!r}")
+        check_choice(version, "version", VERSIONS)
         if version == "custom":
             if not attacks:
                 raise InputError("version='custom' needs a non-empty attacks list, e.g. ['apgd-ce', 'apgd-t']")

@@ -16,6 +16,7 @@ from torch import nn
 from ..base import EvasionAttack
 from ..errors import InputError
 from ..registry import ATTACKS
+from ..validation import check_int
 
 
 def _per_sample_view(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -58,12 +59,9 @@ class PGD(EvasionAttack):
         seed: int | None = None,
     ):
         super().__init__(eps=eps, norm=norm, targeted=targeted)
-        if not isinstance(steps, int) or steps < 1:
-            raise InputError(f"steps must be an integer >= 1, got {steps!r}")
-        if not isinstance(restarts, int) or restarts < 1:
-            raise InputError(f"restarts must be an integer >= 1, got {restarts!r}")
-        if not isinstance(eot_samples, int) or eot_samples < 1:
-            raise InputError(f"eot_samples must be an integer >= 1, got {eot_samples!r}")
+        check_int(steps, "steps", minimum=1)
+        check_int(restarts, "restarts", minimum=1)
+        check_int(eot_samples, "eot_samples", minimum=1)
         if alpha is None:
             alpha = 2.5 * self.eps / steps
         if not (math.isfinite(alpha) and alpha > 0) and self.eps > 0:

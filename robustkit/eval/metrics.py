@@ -11,9 +11,8 @@ from torch import nn
 
 from ..base import EvasionAttack
 from ..inference import accuracy, eval_mode, predict  # noqa: F401  (accuracy, predict: re-exported)
-from ..errors import InputError
 from ..utils import batches, model_device, progress_bar
-from ..validation import check_images, check_labels
+from ..validation import check_images, check_int, check_labels
 
 
 def is_randomized(model: nn.Module) -> bool:
@@ -113,8 +112,7 @@ def robust_accuracy(
     """
     check_images(x, "x")
     check_labels(y, x.shape[0])
-    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
-        raise InputError(f"draws must be an integer >= 1, got {draws!r}")
+    check_int(draws, "draws", minimum=1)
     device = model_device(model)
     n_draws = draws if is_randomized(model) else 1
     parts: list[tuple] = []

@@ -7,6 +7,7 @@ from typing import Any
 from ...backdoor.metrics import backdoor_metrics
 from ...errors import ConfigError
 from ...registry import BACKDOORS, STEPS
+from ...validation import check_range
 from ..context import Context
 
 
@@ -37,9 +38,7 @@ def poison(ctx: Context, /, attack: Any = "badnets", rate: float = 0.1, seed: in
 
 def _validate_poison(params: dict[str, Any], path: str) -> None:
     BACKDOORS.build(params.get("attack", "badnets"), f"{path}.attack")
-    rate = params.get("rate", 0.1)
-    if not (isinstance(rate, (int, float)) and not isinstance(rate, bool) and 0 <= rate <= 1):
-        raise ConfigError(f"the poisoning rate must be a fraction in [0, 1], got {rate!r}", f"{path}.rate")
+    check_range(params.get("rate", 0.1), f"{path}.rate (the poisoned fraction)", 0.0, 1.0, error=ConfigError)
 
 
 poison.validate = _validate_poison  # type: ignore[attr-defined]

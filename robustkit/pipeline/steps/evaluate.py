@@ -10,6 +10,7 @@ from ...eval.robust import evaluate_defenses, validate_evaluation
 from ...eval.robustbench import robustbench_entry, slug
 from ...errors import ConfigError
 from ...registry import STEPS, parse_number
+from ...validation import check_int
 from ..context import Context
 
 TABLE_NOTE = ("{n} test images. Robust = correct on the clean and on the attacked image. Randomized defenses are "
@@ -65,9 +66,8 @@ def _validate(params: dict, path: str) -> None:
             if not parse_number(e, f"{path}.eps[{i}]") >= 0:
                 raise ConfigError(f"a radius must be >= 0, got {e!r}", f"{path}.eps[{i}]")
     for key in ("n_samples", "batch_size", "draws"):
-        v = params.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            raise ConfigError(f"must be an integer >= 1, got {v!r}", f"{path}.{key}")
+        if params.get(key) is not None:
+            check_int(params[key], f"{path}.{key}", minimum=1, error=ConfigError)
 
 
 evaluate.validate = _validate  # type: ignore[attr-defined]
