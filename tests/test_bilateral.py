@@ -452,3 +452,19 @@ def test_cuda_gradcheck_and_compile():
     xr = xc.detach().clone().requires_grad_()
     bilateral_filter(xr, 5, 0.1, 1.5, backend="torch").sum().backward()
     assert torch.allclose(xc.grad, xr.grad, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_double_backward_is_refused_clearly(backend):
+    """The exact backward is a hand-written kernel, not itself differentiable: create_graph must fail loudly
+    (issue #12) rather than give a silently wrong second derivative."""
+    from robustkit.errors import InputError
+    from robustkit.preprocessing.kernels.bilateral_numba import NUMBA_ERROR
+
+    if backend == "numba" and NUMBA_ERROR is not None:
+        pytest.skip("numba not installed")
+    x = torch.rand(1, 2, 6, 6, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(InputError, match="double backward"):
+        torch.autograd.grad(bilateral_filter(x, 3, 0.1, 1.0, backend=backend).sum(), x, create_graph=True)
+    (g,) = torch.autograd.grad(bilateral_filter(x, 3, 0.1, 1.0, backend=backend).sum(), x)  # first order still works
+    assert torch.isfinite(g).all()

@@ -382,12 +382,7 @@ ENTRY_POINTS = {
 
 
 def _entry_params():
-    for name in sorted(ENTRY_POINTS):
-        if name == "preprocessor:bilateral":  # BilateralFilter.forward filters 0..255 images silently
-            yield pytest.param(name, marks=pytest.mark.xfail(
-                strict=True, reason="BilateralFilter.forward does not check the [0, 1] range (issue #12; lead's file)"))
-        else:
-            yield name
+    yield from sorted(ENTRY_POINTS)
 
 
 @pytest.mark.parametrize("entry", list(_entry_params()))

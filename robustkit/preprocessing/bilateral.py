@@ -7,7 +7,7 @@ import torch
 from ..base import Preprocessor
 from ..errors import InputError
 from ..registry import PREPROCESSORS
-from ..validation import check_positive
+from ..validation import check_images, check_positive
 from .kernels import bilateral_filter
 
 
@@ -55,6 +55,7 @@ class BilateralFilter(Preprocessor):
         bilateral_filter(torch.zeros(1, 1, 1, 1), kernel_size, self.sigma_color, self.sigma_space, distance, window, 0, backend if backend != "triton" else "torch")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_images(x, "x")
         n = self.train_iterations if self.training else self.iterations
         return bilateral_filter(x, self.kernel_size, self.sigma_color, self.sigma_space, self.distance, self.window, n, self.backend)
 

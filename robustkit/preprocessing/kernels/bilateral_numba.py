@@ -48,6 +48,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from .bilateral_torch import refuse_double_backward
+
 try:  # optional: without Numba the dispatcher uses the PyTorch path
     import numba
     from numba import njit
@@ -758,6 +760,7 @@ class _BilateralNumba(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        refuse_double_backward()
         x, out, inv_den = ctx.saved_tensors
         grad = bilateral_backward_numba(grad_out, x, out, inv_den, *ctx.cfg)
         return grad, None, None, None, None, None

@@ -31,6 +31,8 @@ from typing import Sequence
 
 import torch
 
+from ...errors import InputError
+
 LOG2E = 1.4426950408889634
 # exp(-d^2 / (2 s^2)) = 2^(-(k d)^2) with k = sqrt(log2(e) / 2) / s: distances are computed on
 # the input scaled by k (per sample), and exp2 is several times faster than exp on CPU.
@@ -317,6 +319,17 @@ def _backward(grad_out, x, out, inv_den, kernel_size, sigma_color, sigma_space, 
     return _fold(gpad, x.shape, r)
 
 
+def refuse_double_backward() -> None:
+    """The hand-written backward is exact but not itself differentiable: refuse second-order use clearly
+    (``create_graph=True`` turns grad mode on inside ``backward``) instead of returning a wrong Hessian."""
+    if torch.is_grad_enabled():
+        raise InputError(
+            "double backward through the bilateral filter is not supported: its exact gradient is computed by a "
+            "hand-written kernel that is not itself differentiable (gradient penalties, Hessian-vector products "
+            "and create_graph=True need a second derivative); use the filter's first-order gradient only, or a "
+            "differentiable approximation such as BPDA (robustkit.attacks.BPDA) for the filter")
+
+
 class _BilateralTorch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, kernel_size, sigma_color, sigma_space, distance, window):
@@ -327,6 +340,7 @@ class _BilateralTorch(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        refuse_double_backward()
         x, out, inv_den = ctx.saved_tensors
         grad = bilateral_backward_torch(grad_out.contiguous(), x.contiguous(), out, inv_den, *ctx.cfg)
         return grad, None, None, None, None, None

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .bilateral_torch import _unpad_grad
+from .bilateral_torch import _unpad_grad, refuse_double_backward
 
 # Measured on an H100 (benchmarks/bilateral.py, docs/bilateral.md): 512 pixels and 8 warps per
 # program is the fastest of BLOCK in {64..512} x warps in {2, 4, 8} for every benchmark shape;
@@ -261,6 +261,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, grad_inv_den):
+    refuse_double_backward()
     x, out, inv_den, inv_sc2, inv_2ss2 = ctx.saved_tensors
     radius, l1, circle = ctx.cfg
     grad = bilateral_bwd(grad_out.contiguous(), x, out, inv_den, radius, inv_sc2, inv_2ss2, l1, circle)
