@@ -180,7 +180,7 @@ def evaluate_defenses(
     images that survive every adaptive attack (per image, its worst attack). Batch ``b`` is
     attacked with seed ``seed + b``, so the result is the same under ``torchrun`` sharding.
     ``checks``: run the gradient-masking sanity checks (:mod:`robustkit.eval.checks`) per defense,
-    including a stronger PGD on the images that survived the strongest adaptive PGD row.
+    including a stronger PGD on the images that survived the strongest adaptive PGD row of each norm.
     """
     from ..registry import parse_number
 
@@ -251,9 +251,10 @@ def evaluate_defenses(
             found = sanity_checks(d.label, defended, x.to(device), y.to(device), defended.randomized)
             pgd = [(row, res, atk) for (row, res), atk in zip(results, attacks_run)
                    if row["adaptive"] is True and hasattr(atk, "steps")]
-            if pgd:
-                top_eps = max(r["eps"] for r, _, _ in pgd)
-                row, res, atk = min((p for p in pgd if p[0]["eps"] == top_eps), key=lambda p: p[0]["accuracy"])
+            for norm in dict.fromkeys(r["norm"] for r, _, _ in pgd):  # per threat model: its largest radius
+                mine = [p for p in pgd if p[0]["norm"] == norm]
+                top_eps = max(r["eps"] for r, _, _ in mine)
+                row, res, atk = min((p for p in mine if p[0]["eps"] == top_eps), key=lambda p: p[0]["accuracy"])
                 stronger = check_stronger_attack(d.label, defended, atk, x, y, res.robust_frac, seed=seed,
                                                  draws=draws, batch_size=batch_size, shard=shard)
                 if stronger is not None:
