@@ -127,8 +127,9 @@ def load_npz(path: str | Path, test_fraction: float | None = None, seed: int = 0
     with open(p, "rb") as fh:
         magic = fh.read(6)
     if not zipfile.is_zipfile(p) and magic != b"\x93NUMPY":
-        raise InputError(f"{p} is not an .npz archive (a zip of .npy arrays): the file is corrupt, truncated or "
-                         "of another format; save arrays with numpy.savez or robustkit.data.save_npz")
+        raise InputError(f"{p} is not a readable .npz file: not an .npz archive (a zip of .npy arrays) - the file "
+                         "is corrupt, truncated or of another format; save arrays with numpy.savez or "
+                         "robustkit.data.save_npz")
     try:
         f = np.load(p, allow_pickle=False)
     except errors as exc:
