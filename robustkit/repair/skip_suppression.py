@@ -3,21 +3,11 @@ Shortcuts", ICASSP 2023.
 
 A residual block computes ``out = F(x) + shortcut(x)``; backdoors lean on the shortcuts, so
 scaling a chosen shortcut by ``gamma < 1`` (``out = F(x) + gamma * shortcut(x)``) lowers the
-attack success rate. This module finds the skip connections of a model and scales them with
-forward hooks - the model's code and weights are untouched:
-
-- robustkit ``PreActBlock`` (PreActResNet18): the output of ``block.shortcut`` is scaled.
-- torchvision ``BasicBlock`` / ``Bottleneck``: ``block.downsample``'s output is scaled when it
-  exists; otherwise the identity is captured at the block input and ``(1 - gamma) x`` is
-  subtracted from the residual branch's last BatchNorm output (so the sum is ``F(x) + gamma x``
-  before the final ReLU).
-- ViT blocks (robustkit ``SmallViT`` and timm ``VisionTransformer``): each block has two
-  residual branches, ``x + attn(norm1(x))`` and ``x + mlp(norm2(x))``; the branch output gets
-  ``(1 - gamma) x`` subtracted, with ``x`` captured at ``norm1`` / ``norm2``'s input. They are
-  named ``blocks.i.attn`` and ``blocks.i.mlp``.
-
-:func:`scale_skips` returns a handle whose ``remove()`` takes every hook away again; the
-scales are recorded in ``model.skip_scaling`` so that a saved checkpoint re-applies them.
+attack success rate. Finding the skip connections of PreActResNet, torchvision ResNet and ViT
+blocks and scaling them with forward hooks is :mod:`robustkit.models.introspect`
+(:func:`~robustkit.models.introspect.find_skip_connections`, :func:`~robustkit.models.introspect.scale_skips`);
+this module chooses the block (the gamma sweep on a defender-implanted surrogate trigger, with the
+collapse guard) and fine-tunes its stage.
 """
 
 from __future__ import annotations
