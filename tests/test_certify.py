@@ -283,3 +283,54 @@ def test_shipped_certify_configs_validate():
     for f in files:
         cfg = validate_config(load_config(f))
         assert any("certify" in s for s in cfg["steps"])
+
+
+# ----------------------------------------------------------------------------- the evaluate step's certify option
+def evaluate_config(tmp_path, **evaluate_params):
+    params = {
+        "n_samples": 6, "batch_size": 50, "draws": 1, "checks": False, "eps": [0.25, 0.5],
+        "defenses": [{"label": "undefended", "preprocessors": []},
+                     {"label": "noise", "preprocessors": [{"name": "gaussian_noise", "sigma": 0.25}]}],
+        "attacks": [{"name": "pgd", "norm": "l2", "steps": 2, "eot_samples": 2, "label": "EOT-PGD-L2"}],
+        "certify": {"n0": 10, "n": 40, "batch_size": 50, "predict_n": 0},
+    }
+    params.update(evaluate_params)
+    return {"name": "evaluate+certify tiny", "seed": 0, "device": "cpu", "output_dir": str(tmp_path / "out"),
+            "data": {"name": "digits", "size": 8}, "model": {"name": "small_cnn", "width": 4},
+            "steps": [{"train": {"epochs": 1, "preprocessors": [{"name": "gaussian_noise", "sigma": 0.25}]}},
+                      {"evaluate": params}]}
+
+
+@pytest.mark.slow  # trains a tiny CNN and evaluates 6 images: ~15 s on 2 busy cores
+def test_evaluate_step_certify_option(tmp_path):
+    report = robustkit.run(evaluate_config(tmp_path), progress=False, log=None)
+    rows = report.table("Certified vs. empirical L2 accuracy").rows
+    # only the noise defense is certified, at 0 and the step's L2 radii; the undefended model is named in a note
+    assert [(r["defense"], r["L2 radius"]) for r in rows] == [("noise", 0.0), ("noise", 0.25), ("noise", 0.5)]
+    assert any("'undefended' is not certified" in n for n in report.notes)
+    evaluated = {r["attack"]: r["accuracy"] for r in report.table("Clean and robust accuracy").rows
+                 if r["defense"] == "noise"}
+    for r in rows[1:]:
+        # the empirical column is the evaluation's own number at that radius (its worst case over 1 attack)
+        assert r["from"].startswith("worst case") and evaluated[r["from"]] == r["empirical (adaptive)"]
+        assert 0.0 <= r["certified"] <= 1.0
+    assert rows[0]["empirical (adaptive)"] == "-"
+    cert = [r["certified"] for r in rows]
+    assert cert == sorted(cert, reverse=True)
+    assert (tmp_path / "out" / "certified_accuracy.png").is_file()
+    assert "noise/certified_accuracy@0.25" in report.metrics
+
+
+@pytest.mark.parametrize("change, where", [
+    ({"certify": {"n": 0}}, "certify"),
+    ({"certify": {"alpha": 1.5}}, "certify.alpha"),
+    ({"certify": {"n_draws": 10}}, "certify"),
+    ({"certify": "yes"}, "certify"),
+    ({"defenses": [{"label": "bil", "preprocessors": ["bilateral"]}]}, "certify"),
+])
+def test_evaluate_step_certify_option_errors(tmp_path, change, where):
+    from robustkit.pipeline import validate_config
+
+    with pytest.raises(ConfigError) as e:
+        validate_config(evaluate_config(tmp_path, **change))
+    assert where in str(e.value)

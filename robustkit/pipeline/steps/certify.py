@@ -63,6 +63,33 @@ def _check_int(v: Any, name: str, path: str) -> int:
     return v
 
 
+CERTIFY_OPTIONS = {"n0": 100, "n": 1000, "alpha": 0.001, "batch_size": 500, "radii": None, "predict_n": 100}
+
+
+def certify_options(opts: Any, path: str) -> dict[str, Any]:
+    """The ``evaluate`` step's ``certify:`` option, checked and with defaults filled in: ``true`` or a
+    mapping with any of n0, n, alpha, batch_size, radii (default: 0 and the L2 radii the step
+    attacks, else 0, 0.25, 0.5, 0.75, 1), predict_n."""
+    if opts is True:
+        opts = {}
+    if not isinstance(opts, dict):
+        raise ConfigError(f"expected true or a mapping with keys {sorted(CERTIFY_OPTIONS)}, got {opts!r}", path)
+    unknown = sorted(set(opts) - set(CERTIFY_OPTIONS))
+    if unknown:
+        raise ConfigError(f"unknown certify option(s) {unknown}; expected some of {sorted(CERTIFY_OPTIONS)}", path)
+    out = {**CERTIFY_OPTIONS, **opts}
+    for name in ("n0", "n", "batch_size"):
+        _check_int(out[name], name, path)
+    if out["predict_n"] != 0:
+        _check_int(out["predict_n"], "predict_n", path)
+    a = out["alpha"]
+    if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 < a < 1:
+        raise ConfigError(f"expected a number in (0, 1), got {a!r}", f"{path}.alpha")
+    if out["radii"] is not None:
+        out["radii"] = _radii(out["radii"], f"{path}.radii")
+    return out
+
+
 def validate(params: dict[str, Any], path: str) -> None:
     """Build the defenses (each must start with Gaussian noise), the attack and the radii before the run."""
     if params.get("defenses") is None:
@@ -122,35 +149,10 @@ def certify(ctx: Context, /, defenses: list | None = None, n0: int = 100, n: int
     x, y = to_tensors(data.test, max_samples=n_samples)
     specs = parse_defenses(defenses, f"{path}.defenses")
     results, summary, empirical, votes = {}, [], {}, {}
-    for i, d in enumerate(specs):
-        defended = wrap(model, *d.build(ctx.device))
-        ctx.log(f"  {d.label}: certifying {x.shape[0]} images (n0={n0}, n={n}, alpha={alpha})")
-        res = certify_images(defended, x, y, n0=n0, n=n, alpha=alpha, batch_size=batch_size, seed=ctx.seed,
-                             progress=ctx.show_progress, desc=f"{d.label} / certify")
-        results[d.label] = res
-        row: dict[str, Any] = {"defense": d.label, "sigma": res.sigma, "base classifier": res.base,
-                               "images": int(x.shape[0]), "n0": n0, "n": n, "alpha": alpha,
-                               "max radius": _max_radius(res.sigma, n, alpha),
-                               "abstention": res.abstention_rate, "certified clean": res.certified_accuracy(0.0)}
-        if predict_n:
-            pred = predict_smoothed(defended, x, y, n=predict_n, alpha=alpha, batch_size=batch_size,
-                                    seed=ctx.seed + 1_000_003, progress=ctx.show_progress, desc=f"{d.label} / predict")
-            row.update({"predict n": predict_n, "predict accuracy": pred.accuracy,
-                        "predict abstention": pred.abstention_rate})
-            ctx.report.metrics[f"{d.label}/smoothed_accuracy"] = pred.accuracy
-        row["seconds"] = round(res.seconds, 1)
+    for d in specs:
+        results[d.label], row = certify_defense(ctx, model, d, x, y, n0=n0, n=n, alpha=alpha, batch_size=batch_size,
+                                                radii=rs, predict_n=predict_n)
         summary.append(row)
-        beyond = [r for r in rs if r > row["max radius"]]
-        if beyond:
-            ctx.report.notes.append(
-                f"'{d.label}': with n={n} draws and alpha={alpha} no radius above {row['max radius']:.3f} can be "
-                f"certified (sigma * Phi^-1(alpha^(1/n))), so its certified accuracy at {', '.join(f'{r:g}' for r in beyond)} "
-                "is 0 by construction, not a measurement: raise n to certify larger radii.")
-        ctx.report.metrics[f"{d.label}/abstention_rate"] = res.abstention_rate
-        for r, a in zip(rs, res.certified_accuracy(rs)):
-            ctx.report.metrics[f"{d.label}/certified_accuracy@{r:g}"] = a
-        ctx.log(f"  {d.label}: certified accuracy " + ", ".join(
-            f"{a:.3f} @ {r:g}" for r, a in zip(rs, res.certified_accuracy(rs))) + f"; abstained {res.abstention_rate:.3f}")
     attacked = [r for r in rs if r > 0]
     attack_name = "-"
     if att is not None and attacked:
@@ -192,6 +194,41 @@ def certify(ctx: Context, /, defenses: list | None = None, n0: int = 100, n: int
             curves.setdefault(label, {})[f"{attack_name} (vote)"] = sorted(v.items())
         fig = certified_accuracy_plot(results, ctx.out_path("certified_accuracy.png"), curves or None)
         ctx.report.figures.append(fig.name)
+
+
+
+def certify_defense(ctx: Context, model: Any, d: Any, x: Any, y: Any, *, n0: int, n: int, alpha: float,
+                    batch_size: int, radii: list[float], predict_n: int) -> tuple[Any, dict[str, Any]]:
+    """CERTIFY (and PREDICT when ``predict_n`` > 0) for one defense spec: the result, its summary row,
+    report metrics, and a note where a radius lies beyond what ``n`` draws can certify. Shared by the
+    ``certify`` step and the ``evaluate`` step's ``certify:`` option."""
+    defended = wrap(model, *d.build(ctx.device))
+    ctx.log(f"  {d.label}: certifying {x.shape[0]} images (n0={n0}, n={n}, alpha={alpha})")
+    res = certify_images(defended, x, y, n0=n0, n=n, alpha=alpha, batch_size=batch_size, seed=ctx.seed,
+                         progress=ctx.show_progress, desc=f"{d.label} / certify")
+    row: dict[str, Any] = {"defense": d.label, "sigma": res.sigma, "base classifier": res.base,
+                           "images": int(x.shape[0]), "n0": n0, "n": n, "alpha": alpha,
+                           "max radius": _max_radius(res.sigma, n, alpha),
+                           "abstention": res.abstention_rate, "certified clean": res.certified_accuracy(0.0)}
+    if predict_n:
+        pred = predict_smoothed(defended, x, y, n=predict_n, alpha=alpha, batch_size=batch_size,
+                                seed=ctx.seed + 1_000_003, progress=ctx.show_progress, desc=f"{d.label} / predict")
+        row.update({"predict n": predict_n, "predict accuracy": pred.accuracy,
+                    "predict abstention": pred.abstention_rate})
+        ctx.report.metrics[f"{d.label}/smoothed_accuracy"] = pred.accuracy
+    row["seconds"] = round(res.seconds, 1)
+    beyond = [r for r in radii if r > row["max radius"]]
+    if beyond:
+        ctx.report.notes.append(
+            f"'{d.label}': with n={n} draws and alpha={alpha} no radius above {row['max radius']:.3f} can be "
+            f"certified (sigma * Phi^-1(alpha^(1/n))), so its certified accuracy at {', '.join(f'{r:g}' for r in beyond)} "
+            "is 0 by construction, not a measurement: raise n to certify larger radii.")
+    ctx.report.metrics[f"{d.label}/abstention_rate"] = res.abstention_rate
+    for r, a in zip(radii, res.certified_accuracy(radii)):
+        ctx.report.metrics[f"{d.label}/certified_accuracy@{r:g}"] = a
+    ctx.log(f"  {d.label}: certified accuracy " + ", ".join(
+        f"{a:.3f} @ {r:g}" for r, a in zip(radii, res.certified_accuracy(radii))) + f"; abstained {res.abstention_rate:.3f}")
+    return res, row
 
 
 def _vote_attack(ctx: Context, model: Any, d: Any, att: AttackSpec, radii: list[float], x: Any, y: Any,

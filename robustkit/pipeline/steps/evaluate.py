@@ -6,12 +6,14 @@ from __future__ import annotations
 from ...io import atomic_write_json
 from ...data import to_tensors
 from ...eval.plots import accuracy_bars, robust_vs_eps
-from ...eval.robust import evaluate_defenses, validate_evaluation
+from ...eval.certify import certified_accuracy_plot, split_smoothing
+from ...eval.robust import evaluate_defenses, parse_defenses, validate_evaluation
 from ...eval.robustbench import robustbench_entry, slug
-from ...errors import ConfigError
+from ...errors import ConfigError, InputError
 from ...registry import STEPS, parse_number
 from ...validation import check_int
 from ..context import Context
+from .certify import DEFAULT_RADII, certify_defense, certify_options
 
 TABLE_NOTE = ("{n} test images. Robust = correct on the clean and on the attacked image. Randomized defenses are "
               "scored over {draws} draws of their randomness: accuracy = mean over draws (the headline), all_draws = "
@@ -23,7 +25,8 @@ TABLE_NOTE = ("{n} test images. Robust = correct on the clean and on the attacke
 
 @STEPS.register("evaluate")
 def evaluate(ctx: Context, /, attacks: list | None = None, defenses: list | None = None, eps: list | None = None,
-             n_samples: int | None = None, batch_size: int = 256, draws: int = 10, checks: bool = True) -> None:
+             n_samples: int | None = None, batch_size: int = 256, draws: int = 10, checks: bool = True,
+             certify: dict | bool | None = None) -> None:
     """Clean and robust accuracy of the model behind each defense under each attack.
 
     ``defenses``: list of ``{label, preprocessors: [spec, ...]}`` (default: undefended only).
@@ -32,6 +35,9 @@ def evaluate(ctx: Context, /, attacks: list | None = None, defenses: list | None
     ``robust_vs_eps.png`` plots the curves. ``n_samples``: the first n test images (default: all).
     ``draws``: draws of a randomized defense's randomness per scored image (mean = headline,
     ``all_draws`` beside it). ``checks``: gradient-masking sanity checks, written to the report.
+    ``certify``: ``true`` or ``{n0, n, alpha, batch_size, radii, predict_n}`` adds randomized-smoothing
+    certificates (Cohen et al. 2019) for every defense whose first preprocessor is Gaussian noise, on
+    the same images, beside the empirical L2 rows (see :func:`_certify_table` and docs/certify.md).
     See :func:`robustkit.eval.evaluate_defenses` and docs/evaluation.md for the protocol.
     """
     model, data = ctx.require_model("evaluate"), ctx.require_data("evaluate")
@@ -54,6 +60,68 @@ def evaluate(ctx: Context, /, attacks: list | None = None, defenses: list | None
         plot = robust_vs_eps if ev.swept else accuracy_bars
         name = "robust_vs_eps.png" if ev.swept else "accuracy.png"
         ctx.report.figures.append(plot(ev.rows, ctx.out_path(name)).name)
+    if certify:
+        _certify_table(ctx, model, x, y, defenses, ev.rows, certify_options(certify, "evaluate.certify"))
+
+
+def _empirical_l2(rows: list[dict], label: str) -> dict[float, tuple[str, float]]:
+    """Per L2 radius, the strongest adaptive evidence the evaluation has for ``label``: its
+    worst-case row when there is one, else the lowest adaptive L2 attack row."""
+    worst: dict[float, tuple[str, float]] = {}
+    single: dict[float, tuple[str, float]] = {}
+    for r in rows:
+        if r["defense"] != label or r.get("norm") != "l2":
+            continue
+        eps, entry = float(r["eps"]), (str(r["attack"]), float(r["accuracy"]))
+        if r.get("kind") == "worst_case":
+            worst[eps] = entry
+        elif r.get("adaptive") is True and (eps not in single or entry[1] < single[eps][1]):
+            single[eps] = entry
+    return {**single, **worst}
+
+
+def _certify_table(ctx: Context, model, x, y, defenses: list | None, rows: list[dict], opts: dict) -> None:
+    """Certified L2 accuracy of each noise defense next to the empirical adaptive L2 accuracy the
+    evaluation measured at the same radii. Defenses that are not Gaussian smoothing are named in a
+    note, not certified."""
+    specs, eligible = parse_defenses(defenses, "evaluate.defenses"), []
+    for d in specs:
+        try:
+            split_smoothing(d.build())
+            eligible.append(d)
+        except InputError as e:
+            ctx.report.notes.append(f"'{d.label}' is not certified: {e}")
+    if not eligible:
+        raise ConfigError("no defense here starts with Gaussian noise, so nothing can be certified; drop "
+                          "'certify' or add a gaussian_noise / noise_bilateral defense", "evaluate.certify")
+    radii = opts["radii"]
+    if radii is None:
+        attacked = sorted({float(r["eps"]) for r in rows if r.get("norm") == "l2"})
+        radii = sorted({0.0, *attacked}) if attacked else DEFAULT_RADII
+    results, summary, table = {}, [], []
+    for d in eligible:
+        res, row = certify_defense(ctx, model, d, x, y, n0=opts["n0"], n=opts["n"], alpha=opts["alpha"],
+                                   batch_size=opts["batch_size"], radii=radii, predict_n=opts["predict_n"])
+        results[d.label] = res
+        summary.append(row)
+        emp = _empirical_l2(rows, d.label)
+        for r, a in zip(radii, res.certified_accuracy(radii)):
+            attack, acc = emp.get(r, ("-", "-"))
+            table.append({"defense": d.label, "sigma": res.sigma, "L2 radius": r, "certified": a,
+                          "empirical (adaptive)": acc, "from": attack})
+    ctx.report.add_table("Certified vs. empirical L2 accuracy", table, note=(
+        f"{x.shape[0]} test images. certified = CERTIFY (Cohen et al. 2019; n0={opts['n0']}, n={opts['n']}, "
+        f"alpha={opts['alpha']}, abstentions count as wrong): a lower bound, with probability >= 1 - alpha per image, "
+        "on the accuracy of the smoothed classifier (majority vote over the noise) under ANY L2 attack of norm < r. "
+        "empirical = the adaptive L2 row of the table above at that radius (its worst case when there is one; mean "
+        "over draws of single noisy passes): an upper bound on the robust accuracy of one noisy pass. See docs/certify.md."))
+    ctx.report.add_table("Certification summary", summary, note=(
+        "abstention = CERTIFY abstained (p_A <= 1/2); max radius = the largest radius n draws can certify."))
+    if ctx.is_main:
+        curves = {d.label: {"empirical (adaptive)": sorted((r, a) for r, (_, a) in _empirical_l2(rows, d.label).items())}
+                  for d in eligible}
+        fig = certified_accuracy_plot(results, ctx.out_path("certified_accuracy.png"), curves)
+        ctx.report.figures.append(fig.name)
 
 
 def _validate(params: dict, path: str) -> None:
@@ -68,6 +136,18 @@ def _validate(params: dict, path: str) -> None:
     for key in ("n_samples", "batch_size", "draws"):
         if params.get(key) is not None:
             check_int(params[key], f"{path}.{key}", minimum=1, error=ConfigError)
+    if params.get("certify"):
+        certify_options(params["certify"], f"{path}.certify")
+        certifiable = 0
+        for d in parse_defenses(params.get("defenses"), f"{path}.defenses"):
+            try:
+                split_smoothing(d.build(path=f"{path}.defenses"))
+                certifiable += 1
+            except InputError:
+                pass
+        if not certifiable:
+            raise ConfigError("no defense here starts with Gaussian noise, so nothing can be certified; drop "
+                              "'certify' or add a gaussian_noise / noise_bilateral defense", f"{path}.certify")
 
 
 evaluate.validate = _validate  # type: ignore[attr-defined]
