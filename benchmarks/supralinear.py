@@ -13,13 +13,26 @@ gain(noise+bilateral) > gain(noise) + gain(bilateral). The paper's CIFAR-10 abla
 CNN, clean / Linf PGD / EoT) is printed beside ours: baseline 74.5 / 0.2 / 0.2, noise+bilateral
 67.9 / 36.5 / 18.9, bilateral+noise 67.5 / 28.1 / 15.1.
 
+Uncertainty: every accuracy comes with its binomial standard error sqrt(p (1 - p) / n) over the
+n attacked test images; the supralinearity margin ``gain(nb) - gain(n) - gain(b)`` =
+``A(nb) - A(n) - A(b) + A(none)`` gets sqrt of the sum of the four variances (the four models are
+trained separately; the shared test images make this an approximation, not an exact paired
+error). The verdict says "supralinear" only when the margin exceeds 2 standard errors,
+"sub-additive" when it is below -2 SE, "additive within error" otherwise.
+
     python benchmarks/supralinear.py --quick                       # digits, standard training, minutes
     python benchmarks/supralinear.py --data ../shared/data/cifar10_subset.npz --training standard,trades \\
         --epochs 15 --n-test 512 --autoattack                       # CIFAR-10 subset (hours on 2 cores)
+    # the CPU-sized run of docs/supralinear.md (about 40 CPU-minutes on one core):
+    python benchmarks/supralinear.py --data ../shared/data/cifar10_subset.npz --threads 1 --width 16 \\
+        --epochs 6 --training standard,trades --trades-init standard --trades-epochs 1 --trades-steps 3 \\
+        --trades-eot 1 --n-test 200 --draws 1 --pgd-steps 20 --eot-steps 10 --eot 4 \\
+        --autoattack --aa-n-iter 10 --aa-eot-iter 4
 """
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from pathlib import Path
@@ -44,6 +57,30 @@ PAPER = {  # CIFAR-10, standard CNN: clean / Linf PGD / EoT (REFERENCES.md secti
 }
 
 
+def _se(p: float, n: int) -> float:
+    """Binomial standard error of an accuracy ``p`` measured on ``n`` images."""
+    return math.sqrt(max(p * (1 - p), 0.0) / n)
+
+
+def supralinearity(none: float, a: float, b: float, both: float, n: int, z: float = 2.0) -> tuple[float, float, str]:
+    """The supralinearity test on accuracies measured on ``n`` images each.
+
+    ``margin = gain(both) - gain(a) - gain(b)`` with ``gain(d) = acc(d) - acc(none)``, i.e.
+    ``both - a - b + none``; its standard error is the root of the summed binomial variances
+    (independent-models approximation). Verdict: ``"supralinear"`` when ``margin > z * se``,
+    ``"sub-additive"`` when ``margin < -z * se``, else ``"additive within error"``.
+    """
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    for v in (none, a, b, both):
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"accuracies must lie in [0, 1], got {v!r}")
+    margin = both - a - b + none
+    se = math.sqrt(sum(_se(v, n) ** 2 for v in (none, a, b, both)))
+    verdict = "supralinear" if margin > z * se else "sub-additive" if margin < -z * se else "additive within error"
+    return margin, se, verdict
+
+
 def main(argv=None) -> int:
     p = _common.parser(__doc__, "benchmarks/results/supralinear.json", "fewer epochs and test images")
     _common.add_data_option(p)
@@ -55,10 +92,22 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=None, help="default 10 (5 with --quick)")
     p.add_argument("--n-train", type=int, default=None, help="training images (default: all)")
     p.add_argument("--n-test", type=int, default=None, help="test images attacked (default 450, 200 with --quick)")
+    p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate, cosine schedule (default 0.05)")
     p.add_argument("--trades-steps", type=int, default=10)
     p.add_argument("--trades-eot", type=int, default=2, help="EOT passes of the TRADES attack for randomized defenses")
+    p.add_argument("--trades-epochs", type=int, default=None, help="TRADES epochs (default: --epochs)")
+    p.add_argument("--trades-lr", type=float, default=None, help="TRADES learning rate (default: --lr)")
+    p.add_argument("--trades-init", default="scratch", choices=("scratch", "standard"),
+                   help="TRADES from a fresh network (the paper) or warm-started from this run's standard-trained "
+                        "network with the same preprocessing (cheaper; needs 'standard' in --training)")
     p.add_argument("--eot", type=int, default=None, help="EOT passes of the evaluation attacks (default 8, 4 quick)")
+    p.add_argument("--pgd-steps", type=int, default=10, help="steps of the PGD rows (default 10)")
+    p.add_argument("--eot-steps", type=int, default=None, help="steps of the EOT-PGD rows (default: --pgd-steps)")
+    p.add_argument("--draws", type=int, default=4, help="draws of a randomized defense's noise per evaluation (default 4)")
     p.add_argument("--autoattack", action="store_true", help="also AutoAttack version='rand' (slow)")
+    p.add_argument("--aa-n-iter", type=int, default=None, help="AutoAttack APGD iterations (default: published 100; "
+                                                                "fewer is a reduced, labelled run)")
+    p.add_argument("--aa-eot-iter", type=int, default=None, help="AutoAttack rand EOT draws (default: published 20)")
     p.add_argument("--defenses", default=",".join(DEFENSES), help="comma-separated subset of " + ", ".join(DEFENSES))
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
@@ -83,6 +132,10 @@ def main(argv=None) -> int:
     defenses = [d.strip() for d in args.defenses.split(",") if d.strip()]
     if any(d not in DEFENSES for d in defenses) or "none" not in defenses:
         p.error(f"--defenses must include none and name only {', '.join(DEFENSES)}")
+    if args.trades_init == "standard":
+        if "standard" not in trainings:
+            p.error("--trades-init standard needs 'standard' in --training")
+        trainings = ["standard"] + [t for t in trainings if t != "standard"]
     data = load_npz(args.data) if args.data else digits(size=32)
     data_name = "CIFAR-10 subset" if args.data else "digits 32x32"
     epochs = args.epochs or (5 if args.quick else 10)
@@ -91,13 +144,19 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     train = data.train if args.n_train is None else torch.utils.data.Subset(data.train, range(args.n_train))
     x, y = to_tensors(data.test, max_samples=n_test)
-    attacks = [{"name": "pgd", "norm": "linf", "eps": eps, "steps": 10, "label": "PGD-Linf"},
-               {"name": "pgd", "norm": "linf", "eps": eps, "steps": 10, "eot_samples": eot, "label": "EOT-PGD-Linf"}]
+    eot_steps = args.eot_steps or args.pgd_steps
+    attacks = [{"name": "pgd", "norm": "linf", "eps": eps, "steps": args.pgd_steps, "label": "PGD-Linf"},
+               {"name": "pgd", "norm": "linf", "eps": eps, "steps": eot_steps, "eot_samples": eot, "label": "EOT-PGD-Linf"}]
     if l2 > 0:
-        attacks += [{"name": "pgd", "norm": "l2", "eps": l2, "steps": 10, "label": "PGD-L2"},
-                    {"name": "pgd", "norm": "l2", "eps": l2, "steps": 10, "eot_samples": eot, "label": "EOT-PGD-L2"}]
+        attacks += [{"name": "pgd", "norm": "l2", "eps": l2, "steps": args.pgd_steps, "label": "PGD-L2"},
+                    {"name": "pgd", "norm": "l2", "eps": l2, "steps": eot_steps, "eot_samples": eot, "label": "EOT-PGD-L2"}]
+    aa_budget = {k: v for k, v in (("n_iter", args.aa_n_iter), ("eot_iter", args.aa_eot_iter)) if v is not None}
     if args.autoattack:
-        attacks += [{"name": "autoattack", "norm": "linf", "eps": eps, "version": "rand", "label": "AutoAttack-rand-Linf"}]
+        attacks += [{"name": "autoattack", "norm": "linf", "eps": eps, "version": "rand", **aa_budget,
+                     "label": "AutoAttack-rand-Linf"}]
+    trades_epochs = args.trades_epochs or epochs
+    trades_lr = args.trades_lr or args.lr
+    standard_states: dict[str, dict] = {}
 
     rows, all_rows = [], []
     print(f"{data_name}: {len(train)} train / {n_test} attacked test images, {args.model}, {epochs} epochs")
@@ -111,11 +170,16 @@ def main(argv=None) -> int:
             pre_or_none = pre if len(pre) else None
             step = (PlainStep(preprocess=pre_or_none) if training == "standard" else
                     TRADESStep(eps=eps, steps=args.trades_steps, preprocess=pre_or_none, eot_samples=args.trades_eot))
+            if training == "trades" and args.trades_init == "standard":
+                model.load_state_dict(standard_states[name])
             t0 = time.perf_counter()
-            fit(model, train, step, epochs=epochs, lr=0.05, progress=False, seed=args.seed)
+            fit(model, train, step, epochs=epochs if training == "standard" else trades_epochs,
+                lr=args.lr if training == "standard" else trades_lr, progress=False, seed=args.seed)
             t_train = time.perf_counter() - t0
+            if training == "standard":
+                standard_states[name] = {k: v.detach().clone() for k, v in model.state_dict().items()}
             ev = evaluate_defenses(model, x, y, defenses=[{"label": name, "preprocessors": specs}], attacks=attacks,
-                                   draws=4, checks=False, progress=False, seed=args.seed)
+                                   draws=args.draws, checks=False, progress=False, seed=args.seed)
             by_attack = {r["attack"]: r["accuracy"] for r in ev.rows}
             worst = {r["norm"]: r["accuracy"] for r in ev.rows if r.get("kind") == "worst_case"}
             row = {"training": training, "defense": name, "clean": by_attack["clean"],
@@ -124,8 +188,12 @@ def main(argv=None) -> int:
                    "autoattack_rand": by_attack.get("AutoAttack-rand-Linf"),
                    "worst_linf": worst.get("linf"), "worst_l2": worst.get("l2"),
                    "train_s": t_train, "eval_s": time.perf_counter() - t0 - t_train}
+            row["se"] = {k: _se(row[k], n_test) for k in ("clean", "pgd_linf", "eot_pgd_linf", "pgd_l2", "eot_pgd_l2",
+                                                            "autoattack_rand", "worst_linf", "worst_l2") if row[k] is not None}
+            row["notes"] = list(ev.notes)
             rows.append(row)
             all_rows += [{"training": training, **r} for r in ev.table()]
+            _common.write_json(Path(args.out).with_suffix(".partial.json"), {"rows": rows, "argv_note": "partial"})
             print(f"{training:8} {name:16} clean {100 * row['clean']:5.1f}  worst Linf {100 * (row['worst_linf'] or 0):5.1f}"
                   + (f"  worst L2 {100 * row['worst_l2']:5.1f}" if row["worst_l2"] is not None else "")
                   + f"  ({row['train_s']:.0f} s train, {row['eval_s']:.0f} s eval)", flush=True)
@@ -138,21 +206,29 @@ def main(argv=None) -> int:
             if by["none"][key] is None or not {"noise", "bilateral", "noise+bilateral"} <= set(by):
                 continue
             gain = {k: by[k][key] - by["none"][key] for k in by}
-            supra = gain["noise+bilateral"] > gain["noise"] + gain["bilateral"]
-            verdicts[f"{training}/{norm}"] = {
-                "gain": gain, "supralinear": supra,
-                "text": (f"{training}, {norm}: gain noise {100 * gain['noise']:+.1f}, bilateral {100 * gain['bilateral']:+.1f}, "
-                         f"noise+bilateral {100 * gain['noise+bilateral']:+.1f} vs sum of parts "
-                         f"{100 * (gain['noise'] + gain['bilateral']):+.1f} -> {'supralinear' if supra else 'NOT supralinear'}")}
-            print(verdicts[f"{training}/{norm}"]["text"])
+            gain_se = {k: math.hypot(by[k]["se"][key], by["none"]["se"][key]) for k in by}
+            combos = [c for c in ("noise+bilateral", "bilateral+noise") if c in by]
+            for combo in combos:
+                acc = {k: by[k][key] for k in ("none", "noise", "bilateral", combo)}
+                margin, margin_se, verdict = supralinearity(acc["none"], acc["noise"], acc["bilateral"], acc[combo], n_test)
+                verdicts[f"{training}/{norm}/{combo}"] = {
+                    "training": training, "norm": norm, "combination": combo, "gain": gain, "gain_se": gain_se,
+                    "margin": margin, "margin_se": margin_se, "verdict": verdict, "supralinear": verdict == "supralinear",
+                    "text": (f"{training}, {norm}: gain noise {100 * gain['noise']:+.1f}, bilateral {100 * gain['bilateral']:+.1f}, "
+                             f"{combo} {100 * gain[combo]:+.1f} vs sum of parts {100 * (gain['noise'] + gain['bilateral']):+.1f}: "
+                             f"margin {100 * margin:+.1f} +- {100 * margin_se:.1f} (1 SE) -> {verdict}")}
+                print(verdicts[f"{training}/{norm}/{combo}"]["text"])
     print("\npaper (CIFAR-10, standard CNN, clean / PGD / EoT):",
           "; ".join(f"{k} {c}/{p_}/{e}" for k, (c, p_, e) in PAPER.items()))
-    _common.print_table([{k: v for k, v in r.items() if v is not None} for r in rows])
+    _common.print_table([{k: v for k, v in r.items() if v is not None and k not in ("se", "notes")} for r in rows])
 
     out = Path(args.out)
     _common.write_json(out, {"data": data_name, "n_train": len(train), "n_test": n_test, "epochs": epochs,
-                             "model": args.model, "eps_linf": args.eps, "eps_l2": args.l2_eps, "eot_samples": eot,
-                             "quick": args.quick, "noise": NOISE, "bilateral": BILATERAL, "rows": rows,
+                             "model": args.model, "width": args.width, "eps_linf": args.eps, "eps_l2": args.l2_eps,
+                             "eot_samples": eot, "pgd_steps": args.pgd_steps, "eot_steps": eot_steps, "draws": args.draws,
+                             "trades": {"init": args.trades_init, "epochs": trades_epochs, "lr": trades_lr,
+                                        "steps": args.trades_steps, "eot_samples": args.trades_eot, "beta": 6.0},
+                             "autoattack_budget": aa_budget or "published", "quick": args.quick, "noise": NOISE, "bilateral": BILATERAL, "rows": rows,
                              "evaluation_rows": all_rows, "verdicts": verdicts, "paper_cifar10": PAPER})
 
     import matplotlib
@@ -168,12 +244,14 @@ def main(argv=None) -> int:
         keys = [(k, lab) for k, lab in keys if all(r[k] is not None for r in sub)]
         w = 0.8 / len(keys)
         for j, (k, lab) in enumerate(keys):
-            ax.bar([i + (j - (len(keys) - 1) / 2) * w for i in range(len(sub))], [100 * r[k] for r in sub], w, label=lab)
+            ax.bar([i + (j - (len(keys) - 1) / 2) * w for i in range(len(sub))], [100 * r[k] for r in sub], w, label=lab,
+                   yerr=[100 * r["se"][k] for r in sub], capsize=2, error_kw={"lw": 0.6})
         ax.set_xticks(range(len(sub)))
         ax.set_xticklabels([r["defense"] for r in sub], fontsize=8)
         ax.set_ylabel("accuracy (%)")
         ax.set_ylim(0, 105)
-        ax.set_title(f"{data_name}, {args.model}, {training} training, eps={args.eps}", fontsize=9)
+        ax.set_title(f"{data_name}, {args.model} w{args.width}, {training} training, Linf {args.eps} / L2 {args.l2_eps}, "
+                     f"n={n_test} (bars: 1 SE)", fontsize=8)
         ax.legend(fontsize=7)
     save_figure(fig, out.with_suffix(".png"))
     print(f"wrote {out.with_suffix('.png')}")

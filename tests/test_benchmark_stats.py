@@ -1,0 +1,61 @@
+"""The statistics the ablation and defaults-sweep benchmarks report (hand formulas, no data)."""
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name):
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCH / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_supralinearity_margin_and_error_by_hand():
+    supra = _load("supralinear")
+    # gains: a +0.10, b +0.05, both +0.30 -> margin +0.15
+    margin, se, verdict = supra.supralinearity(0.10, 0.20, 0.15, 0.40, 400)
+    assert margin == pytest.approx(0.15)
+    want = math.sqrt(sum(p * (1 - p) / 400 for p in (0.10, 0.20, 0.15, 0.40)))
+    assert se == pytest.approx(want)
+    assert verdict == "supralinear"  # 0.15 > 2 * 0.049
+
+
+def test_supralinearity_small_margin_is_not_a_claim():
+    supra = _load("supralinear")
+    _, se, verdict = supra.supralinearity(0.10, 0.20, 0.15, 0.27, 100)  # margin +0.02, se about 0.08
+    assert se > 0.01 and verdict == "additive within error"
+    assert supra.supralinearity(0.10, 0.40, 0.40, 0.30, 400)[2] == "sub-additive"  # margin -0.40
+
+
+def test_supralinearity_rejects_bad_input():
+    supra = _load("supralinear")
+    with pytest.raises(ValueError):
+        supra.supralinearity(0.1, 0.2, 0.3, 1.5, 100)
+    with pytest.raises(ValueError):
+        supra.supralinearity(0.1, 0.2, 0.3, 0.4, 0)
+
+
+def test_pareto_front_and_one_factor_settings():
+    sweep = _load("defaults_sweep")
+    pts = [(0.8, 0.1), (0.7, 0.3), (0.6, 0.2), (0.8, 0.1), (0.5, 0.35)]
+    assert sweep.pareto(pts) == [True, True, False, True, True]  # (0.6, 0.2) is dominated by (0.7, 0.3)
+    base = {"sigma": 0.05, "kernel_size": 5, "sigma_color": 0.1, "sigma_space": 1.5, "train_iterations": 1, "iterations": 1}
+    todo = sweep.settings(base, {"sigma": [0.05, 0.1], "ab": [(1, 1), (1, 4)]})
+    labels = [lab for lab, _ in todo]
+    assert labels == ["base", "sigma=0.1", "a/b=1/4"]  # changes equal to the base are not repeated
+    assert dict(todo)["a/b=1/4"] == {**base, "train_iterations": 1, "iterations": 4}
+    assert sum(p != base for _, p in todo) == 2
+    # sigma 0 drops the noise (a bilateral-only defense); otherwise noise comes first, as in the paper
+    assert [s["name"] for s in sweep.preprocessors({**base, "sigma": 0.0})] == ["bilateral"]
+    assert [s["name"] for s in sweep.preprocessors(base)] == ["gaussian_noise", "bilateral"]
