@@ -21,12 +21,13 @@ on [0, 1] images: the sum, saturated at 1. ``blend="average"`` uses ``(x + overl
 Overlays for the threshold's clean inputs are drawn from the other clean images (never the
 image itself).
 
-:class:`InputDetector` is the small interface (``fit`` / ``detect`` / ``wrap``) STRIP implements.
+:class:`~robustkit.filtering.detectors.InputDetector` is the small interface (``fit`` / ``detect`` /
+``wrap``) STRIP implements; STRIP is registered as the detector ``strip`` (the ``detect`` pipeline
+step, ``configs/detect_strip.yaml``).
 """
 
 from __future__ import annotations
 
-import abc
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -40,65 +41,9 @@ from ..errors import InputError
 from ..inference import eval_mode
 from ..utils import model_device, progress_bar
 from ..validation import check_images
+from .detectors import DETECTORS, DetectorGuard, InputDetector
 
 BLENDS = ("add", "average")
-
-
-class InputDetector(abc.ABC):
-    """An inference-time detector of backdoor-triggered inputs.
-
-    ``fit(model, clean_data)`` calibrates it (returns ``self``); ``detect(x)`` returns
-    ``(flags, scores)`` (a bool mask and per-input scores); ``wrap(model)`` puts it in front of the model.
-    """
-
-    @abc.abstractmethod
-    def fit(self, model: nn.Module, clean_data: Dataset) -> InputDetector:
-        """Calibrate on the defender's clean data."""
-
-    @abc.abstractmethod
-    def detect(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(flags, scores)`` for a batch of images (flags True = suspected triggered)."""
-
-    def wrap(self, model: nn.Module | None = None, mode: str = "flag") -> DetectorGuard:
-        """An ``nn.Module`` flagging or rejecting suspicious inputs in front of ``model`` (default: the fitted one)."""
-        return DetectorGuard(model if model is not None else self.model, self, mode)
-
-    def evaluate(self, clean: torch.Tensor, triggered: torch.Tensor) -> dict[str, float]:
-        """``{tpr, fpr}``: the flagged fractions of ``triggered`` and of ``clean`` inputs."""
-        f_clean, _ = self.detect(clean)
-        f_trig, _ = self.detect(triggered)
-        return {"tpr": float(f_trig.float().mean()), "fpr": float(f_clean.float().mean()),
-                "n_clean": int(f_clean.numel()), "n_triggered": int(f_trig.numel())}
-
-
-class DetectorGuard(nn.Module):
-    """``model`` behind an :class:`InputDetector`.
-
-    ``mode="flag"``: returns the model's logits; ``last_flags`` holds the detector's flags for the
-    last batch. ``mode="reject"``: returns N x (K + 1) logits whose extra last column ("rejected")
-    is the largest for flagged inputs and the smallest for the others, so ``argmax`` gives ``K``
-    exactly for the rejected ones and the model's prediction otherwise.
-    """
-
-    def __init__(self, model: nn.Module, detector: InputDetector, mode: str = "flag"):
-        super().__init__()
-        if not isinstance(model, nn.Module):
-            raise InputError(f"model must be an nn.Module, got {type(model).__name__}")
-        if mode not in ("flag", "reject"):
-            raise InputError(f"mode must be 'flag' or 'reject', got {mode!r}")
-        self.model, self.detector, self.mode = model, detector, mode
-        self.last_flags: torch.Tensor | None = None
-        self.training = model.training
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flags, _ = self.detector.detect(x)
-        self.last_flags = flags
-        logits = self.model(x)
-        if self.mode == "flag":
-            return logits
-        f = flags.to(logits.device)
-        extra = torch.where(f, logits.max(1).values + 1.0, logits.min(1).values - 1.0)
-        return torch.cat([logits, extra.unsqueeze(1)], 1)
 
 
 def superimpose(x: torch.Tensor, overlay: torch.Tensor, blend: str = "add") -> torch.Tensor:
@@ -129,6 +74,7 @@ class STRIPFit:
     n_pool: int
 
 
+@DETECTORS.register("strip")
 class STRIP(InputDetector):
     """STRIP (Gao et al., ACSAC 2019): flag inputs whose blends with clean images keep a low prediction entropy.
 
@@ -227,3 +173,25 @@ class STRIP(InputDetector):
 
 
 STRIPGuard = DetectorGuard
+
+
+def entropy_histogram(clean: torch.Tensor, triggered: torch.Tensor | None, threshold: float, path: Any,
+                      title: str = "STRIP: entropy of the superimposed inputs") -> Any:
+    """Histogram of the STRIP entropies of clean (and triggered) inputs with the threshold; returns the PNG path."""
+    from pathlib import Path
+
+    from ..eval.plots import plt, save_figure
+
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    vals = [clean.double()] + ([triggered.double()] if triggered is not None else [])
+    hi = max(float(v.max()) for v in vals if v.numel())
+    bins = torch.linspace(0.0, max(hi, float(threshold)) * 1.05 + 1e-9, 41).tolist()
+    ax.hist(clean.double().numpy(), bins=bins, alpha=0.6, label=f"clean ({clean.numel()})", density=True)
+    if triggered is not None:
+        ax.hist(triggered.double().numpy(), bins=bins, alpha=0.6, label=f"triggered ({triggered.numel()})", density=True)
+    ax.axvline(threshold, color="k", ls="--", lw=0.8, label=f"threshold {threshold:.3f}")
+    ax.set_xlabel("mean entropy of the blends (bits)")
+    ax.set_ylabel("density")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return save_figure(fig, Path(path))

@@ -46,6 +46,7 @@ from ..backdoor.metrics import backdoor_monitor
 from ..base import ModelRepair, RepairResult, ResultDetails
 from ..data.arrays import ArrayDataset
 from ..errors import InputError
+from ..filtering.detectors import DETECTORS, ModelScanner
 from ..inference import eval_mode, output_classes
 from ..registry import REPAIRS
 from ..training import Monitor, TrainStep, fit
@@ -390,3 +391,28 @@ class NeuralCleanse(ModelRepair):
     def __repr__(self) -> str:
         keys = ("epochs_per_label", "init_cost", "threshold", "epochs", "unlearn_lr", "clean_ratio")
         return f"{type(self).__name__}(" + ", ".join(f"{k}={getattr(self, k)!r}" for k in keys) + ")"
+
+
+@DETECTORS.register("neural_cleanse")
+class NeuralCleanseScan(ModelScanner):
+    """Neural Cleanse's *detection* alone as a registered model scanner (the ``detect`` step):
+    steps 1-2 of :class:`NeuralCleanse` - a reversed trigger per label, the MAD anomaly index, the
+    flagged labels and the detected target - without the unlearning. The parameters are
+    :class:`NeuralCleanse`'s detection parameters, with the same defaults."""
+
+    def __init__(self, epochs_per_label: int = 30, batch_size: int = 32, lr: float = 0.1, init_cost: float = 1e-3,
+                 cost_multiplier: float = 1.5, patience: int = 5, attack_succ_threshold: float = 0.99,
+                 threshold: float = 2.0, clean_ratio: float = 0.05, seed: int = 0):
+        self.nc = NeuralCleanse(epochs_per_label=epochs_per_label, batch_size=batch_size, lr=lr, init_cost=init_cost,
+                                cost_multiplier=cost_multiplier, patience=patience,
+                                attack_succ_threshold=attack_succ_threshold, threshold=threshold,
+                                clean_ratio=clean_ratio, seed=seed)
+
+    def scan(self, model: nn.Module, clean_data: Dataset, num_classes: int | None = None,
+             progress: bool = True) -> NeuralCleanseDetails:
+        """The reversed triggers, anomaly indices, flagged labels and detected target (``model`` unchanged)."""
+        return self.nc.detect(model, clean_data, num_classes, progress)
+
+    def __repr__(self) -> str:
+        keys = ("epochs_per_label", "init_cost", "threshold", "clean_ratio")
+        return "NeuralCleanseScan(" + ", ".join(f"{k}={getattr(self.nc, k)!r}" for k in keys) + ")"

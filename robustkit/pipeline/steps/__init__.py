@@ -7,5 +7,6 @@ calls one library function and adds tables / figures to the report. An optional
 
 from . import backdoor, evaluate, filter, model, repair, train  # noqa: F401
 from . import certify  # noqa: F401
+from . import detect  # noqa: F401
 
 __all__: list[str] = []
