@@ -39,6 +39,7 @@ races. Saved state is ``x``, ``out`` and ``1/D``, as on the other paths.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import threading
@@ -66,6 +67,9 @@ LN2 = 0.6931471805599453
 # in exact arithmetic, ~1e-7 evaluated in float32).
 EXP2_POLY = (1.0, 0.6931472067028329, 0.24022650922289554, 0.05550327226669895,
              0.00961805667843204, 0.0013400428177711937, 0.00015461444724808513)
+# float32 weights 2^t with t below this are flushed to zero (see the module docstring): the
+# kernels never make denormal weights, whose arithmetic is several times slower on x86.
+EXP2_FLUSH32 = -64.0
 # Rows per work item: about this many padded positions per flat segment keeps the row buffers
 # (C + 4 of them) and the input rows the segment reads in L2 on both test machines' cores.
 SEGMENT = 8192
@@ -92,7 +96,8 @@ if numba is not None:
     # The fused loops read 6-12 rows and update 3-4 accumulator rows: LLVM proves them disjoint
     # with runtime checks, and gives up vectorizing above 8 such checks (its default). Raising
     # the limit (process-wide; it only lets more loops vectorize) makes these loops SIMD.
-    _llvm.set_option("", "-runtime-memory-check-threshold=128")
+    _llvm.set_option("", "-runtime-memory-check-threshold=4096")
+    _llvm.set_option("", "-vectorize-memory-check-threshold=4096")
 
     @intrinsic
     def _f32_from_bits(typingctx, v):
@@ -126,14 +131,16 @@ if numba is not None:
 
     @overload(_exp2, jit_options={"fastmath": _FASTMATH})
     def _exp2_impl(t, lo):
-        """``2^max(t, lo)``: float32 as polynomial x exponent bits (vectorizes), float64 via libm."""
+        """``2^t``, flushed to 0 below ``t = lo``: float32 as polynomial x exponent bits
+        (vectorizes), float64 via libm. A NaN ``t`` gives NaN."""
         if t == _t.float32:
             c0, c1, c2, c3, c4, c5, c6 = (np.float32(v) for v in EXP2_POLY)
             mant = np.float32(8388608.0)  # 2^23
             bias = np.float32(1065353216.0)  # 127 * 2^23, the bits of 1.0
+            zero = np.float32(0.0)
 
             def impl32(t, lo):
-                v = max(t, lo)
+                v = max(t, lo)  # keeps the exponent bits in range
                 k = np.rint(v)
                 f = v - k  # in [-1/2, 1/2]
                 p = c6 * f + c5
@@ -142,11 +149,12 @@ if numba is not None:
                 p = p * f + c2
                 p = p * f + c1
                 p = p * f + c0
-                return p * _f32_from_bits(np.int32(k * mant + bias))  # p * 2^k (exact in float32)
+                w = p * _f32_from_bits(np.int32(k * mant + bias))  # p * 2^k (exact in float32)
+                return zero if t < lo else w
 
             return impl32
         if isinstance(t, _t.Float):
-            return lambda t, lo: math.exp(max(t, lo) * LN2)
+            return lambda t, lo: 0.0 if t < lo else math.exp(t * LN2)
         return None
 
     # Indexing note: numba wraps negative indices around, and an index ``offset + j`` with a
@@ -309,14 +317,14 @@ if numba is not None:
             return impl
         return lambda xn, pstart, o, M, L, k2, s, low, l1, acc, wb: _fwd_pair_any(xn, pstart, o, M, L, k2, s, low, l1, acc, wb)
 
-    @njit(nogil=True, cache=True, fastmath=_FASTMATH)
-    def _forward_items(x, r, iy, ix, offs, sp, kk, l1, out, inv_den, rows, consts, counter, total):
+    @njit(nogil=True, cache=True, fastmath=_FASTMATH, error_model="numpy")
+    def _forward_items(x, r, iy, ix, offs, sp, kk, l1, out, inv_den, save, rows, consts, counter, total):
         """Forward on work items (claimed from ``counter``, ``total`` of them): item = (sample, block of ``rows`` output rows).
 
         ``x``: N x C x H x W; ``iy``/``ix``: reflect-101 source rows/columns of the padded
         grid; ``offs``: flat half offsets on the padded grid (one per pair of opposite taps,
         > 0); ``sp``: N x T spatial exponents; ``kk``: N colour scales; ``out``: N x C x H x W;
-        ``inv_den``: N x 1 x H x W.
+        ``inv_den``: N x 1 x H x W, written only if ``save`` (the backward's state).
         """
         C, H, W = x.shape[1], x.shape[2], x.shape[3]
         Wp = W + 2 * r
@@ -356,14 +364,16 @@ if numba is not None:
                 den[i] = one / den[i]
             for y in range(y0, y1):
                 rb = np.uintp(y - y0) * uWp
-                idr = inv_den[n, 0, y]
-                for j in range(uW):
-                    idr[j] = den[rb + j]
+                drow = den[rb : rb + uW]
+                if save:
+                    idr = inv_den[n, 0, y]
+                    for j in range(uW):
+                        idr[j] = drow[j]
                 for c in range(C):
-                    a = acc[c]
+                    arow = acc[c, rb : rb + uW]
                     orow = out[n, c, y]
                     for j in range(uW):
-                        orow[j] = a[rb + j] * idr[j]
+                        orow[j] = arow[j] * drow[j]
             _fetch_add(counter, 1)  # done
 
     # ---------------------------------------------------------- backward
@@ -636,6 +646,10 @@ def _run(fn, total: int, work: int, *args) -> None:
 
 
 # ------------------------------------------------------------------ helpers
+# The per-call set-up below (tap offsets, reflect indices, per-sample constants) is cached:
+# at 32 x 32 a whole forward is a few milliseconds and numpy's small-array calls add up.
+# Cached arrays are passed to the kernels, which never write to them.
+@functools.lru_cache(maxsize=256)
 def _reflect_index(n: int, r: int) -> np.ndarray:
     """Reflect-101 source index of each padded position (periodic when r >= n), as OpenCV."""
     idx = np.arange(-r, n + r)
@@ -646,6 +660,7 @@ def _reflect_index(n: int, r: int) -> np.ndarray:
     return np.where(idx >= n, period - idx, idx).astype(np.int64)
 
 
+@functools.lru_cache(maxsize=256)
 def _taps(kernel_size: int, window: str, wp: int) -> tuple[np.ndarray, np.ndarray]:
     """Flat offsets (> 0) and squared lengths of one tap of each pair ``{o, -o}`` (centre excluded)."""
     from .bilateral_torch import half_offsets
@@ -656,7 +671,7 @@ def _taps(kernel_size: int, window: str, wp: int) -> tuple[np.ndarray, np.ndarra
     return offs, d2
 
 
-def _per_sample(sigma, n: int) -> np.ndarray:
+def _per_sample(sigma) -> np.ndarray:
     if isinstance(sigma, torch.Tensor):
         return sigma.detach().to("cpu", torch.float64).reshape(-1).numpy()
     return np.array([float(sigma)], dtype=np.float64)
@@ -666,15 +681,26 @@ def _params(x: torch.Tensor, kernel_size: int, sigma_color, sigma_space, window:
     """Flat tap offsets, and per sample (N rows): spatial exponents, colour scale, 1/s_c^2."""
     n = x.shape[0]
     dt = np.float32 if x.dtype == torch.float32 else np.float64
+    if not isinstance(sigma_color, torch.Tensor) and not isinstance(sigma_space, torch.Tensor):
+        return _params_cached(kernel_size, window, wp, float(sigma_color), float(sigma_space), n, dt)
+    return _params_uncached(kernel_size, window, wp, sigma_color, sigma_space, n, dt)
+
+
+@functools.lru_cache(maxsize=64)
+def _params_cached(kernel_size, window, wp, sigma_color, sigma_space, n, dt):
+    return _params_uncached(kernel_size, window, wp, sigma_color, sigma_space, n, dt)
+
+
+def _params_uncached(kernel_size, window, wp, sigma_color, sigma_space, n, dt):
     offs, d2 = _taps(kernel_size, window, wp)
-    sc = np.broadcast_to(_per_sample(sigma_color, n), (n,))
-    ss = np.broadcast_to(_per_sample(sigma_space, n), (n,))
+    sc = np.broadcast_to(_per_sample(sigma_color), (n,))
+    ss = np.broadcast_to(_per_sample(sigma_space), (n,))
     kk = np.ascontiguousarray(LOG2E / (2.0 * sc * sc), dtype=dt)
     sp = np.ascontiguousarray((LOG2E / (2.0 * ss * ss))[:, None] * d2[None, :], dtype=dt)
     if sp.shape[1] == 0:
         sp = np.zeros((n, 1), dt)
     cf = np.ascontiguousarray(1.0 / (sc * sc), dtype=dt)
-    low = -126.0 if dt == np.float32 else -1022.0
+    low = EXP2_FLUSH32 if dt == np.float32 else -1022.0
     consts = np.array([low, 1.0, 0.0], dtype=dt)
     return offs, sp, kk, cf, consts
 
@@ -713,20 +739,21 @@ def release_buffers() -> None:
 
 
 # ------------------------------------------------------------------ forward / backward
-def bilateral_forward_numba(x, kernel_size, sigma_color, sigma_space, distance, window):
-    """Returns ``(out, inv_den)`` (``1/D``, N x 1 x H x W) for a CPU float32/float64 tensor."""
+def bilateral_forward_numba(x, kernel_size, sigma_color, sigma_space, distance, window, save=True):
+    """Returns ``(out, inv_den)`` (``1/D``, N x 1 x H x W) for a CPU float32/float64 tensor;
+    ``inv_den`` is None unless ``save`` (it is only needed by the backward)."""
     x = x.detach().contiguous()
     n, c, h, w = x.shape
     r = kernel_size // 2
     wp = w + 2 * r
     offs, sp, kk, _, consts = _params(x, kernel_size, sigma_color, sigma_space, window, wp)
     out = torch.empty_like(x)
-    inv_den = torch.empty(n, 1, h, w, dtype=x.dtype)
+    inv_den = torch.empty(n, 1, h, w, dtype=x.dtype) if save else None
     rows = _rows_per_item(h, wp, n)
     total = n * ((h + rows - 1) // rows)
     _run(_forward_items, total, x.numel() * (2 * len(offs) + 1),
          x.numpy(), r, _reflect_index(h, r), _reflect_index(w, r), offs, sp, kk, distance == "l1",
-         out.numpy(), inv_den.numpy(), rows, consts)
+         out.numpy(), inv_den.numpy() if save else np.empty((1, 1, 1, 1), out.numpy().dtype), save, rows, consts)
     return out, inv_den
 
 
@@ -770,4 +797,4 @@ def bilateral_filter_numba(x, kernel_size, sigma_color, sigma_space, distance="l
     """One bilateral pass on the fused CPU path (differentiable w.r.t. ``x``; sigmas are constants)."""
     if torch.is_grad_enabled() and x.requires_grad:
         return _BilateralNumba.apply(x, kernel_size, sigma_color, sigma_space, distance, window)
-    return bilateral_forward_numba(x, kernel_size, sigma_color, sigma_space, distance, window)[0]
+    return bilateral_forward_numba(x, kernel_size, sigma_color, sigma_space, distance, window, save=False)[0]
