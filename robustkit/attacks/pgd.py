@@ -18,9 +18,34 @@ from ..errors import InputError
 from ..registry import ATTACKS
 from ..validation import check_int
 
+DEFAULT_EOT_CHUNK = 1024  # images per forward pass when EOT draws are stacked into one batch
+
 
 def _per_sample_view(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.view(-1, *([1] * (like.dim() - 1)))
+
+
+def _randomized_leaves(model: nn.Module) -> list[nn.Module]:
+    """Modules declaring ``randomized`` none of whose submodules does (the sources of randomness)."""
+    out = []
+    for m in model.modules():
+        if getattr(m, "randomized", False) and not any(getattr(c, "randomized", False)
+                                                       for c in list(m.modules())[1:]):
+            out.append(m)
+    return out
+
+
+def draws_batchable(model: nn.Module) -> bool:
+    """True when stacking k copies of a batch into one forward gives k independent draws per image.
+
+    That holds when every source of randomness draws independently per element (robustkit's
+    :class:`~robustkit.preprocessing.noise.GaussianNoise`), or declares ``batched_draws = True``.
+    A plug-in drawing one random parameter per call (e.g. one resize for the whole batch) would
+    give the k copies the same draw, so its EOT passes stay separate forward calls.
+    """
+    from ..preprocessing.noise import GaussianNoise
+
+    return all(isinstance(m, GaussianNoise) or getattr(m, "batched_draws", False) for m in _randomized_leaves(model))
 
 
 @ATTACKS.register("pgd")
@@ -39,11 +64,22 @@ class PGD(EvasionAttack):
         norm: ``"linf"`` or ``"l2"``.
         random_start: start uniformly inside the ball (Linf) / at a random point of it (L2).
         restarts: independent runs; per sample the first run that fools the model is kept
-            (else the last run's point).
+            (else the last run's point). A restart attacks only the samples no earlier run fooled.
         eot_samples: gradients averaged per step over this many forward passes
-            (Expectation over Transformation, for randomized defenses; 1 = plain PGD).
+            (Expectation over Transformation, for randomized defenses; 1 = plain PGD). On a
+            model without randomness one pass is made (every pass would give the same gradient).
         targeted: minimize the loss of the labels passed in instead of maximizing it.
         seed: seed of the random start (``None``: torch's global RNG).
+        early_stop: stop optimizing a sample once it is *broken* at the current iterate and keep
+            that point: misclassified (targeted: classified as the target) by a deterministic
+            model, or misclassified in **every one** of the step's ``eot_samples`` draws of a
+            randomized one. The forward passes of the gradient give this verdict, so it costs
+            nothing. On a randomized model early stop is used only with EOT (``eot_samples > 1``):
+            one draw is too weak a verdict. Evaluators still score the returned point over fresh
+            draws, so the per-draw robust accuracy keeps its meaning (docs/evaluation.md).
+        eot_chunk: at most this many images per forward pass: EOT draws are stacked into one
+            batch (``eot_chunk // batch`` draws per pass) when every source of randomness draws
+            per element (:func:`draws_batchable`); else one pass per draw.
     """
 
     def __init__(
@@ -57,11 +93,14 @@ class PGD(EvasionAttack):
         eot_samples: int = 1,
         targeted: bool = False,
         seed: int | None = None,
+        early_stop: bool = True,
+        eot_chunk: int = DEFAULT_EOT_CHUNK,
     ):
         super().__init__(eps=eps, norm=norm, targeted=targeted)
         check_int(steps, "steps", minimum=1)
         check_int(restarts, "restarts", minimum=1)
         check_int(eot_samples, "eot_samples", minimum=1)
+        check_int(eot_chunk, "eot_chunk", minimum=1)
         if alpha is None:
             alpha = 2.5 * self.eps / steps
         if not (math.isfinite(alpha) and alpha > 0) and self.eps > 0:
@@ -72,6 +111,8 @@ class PGD(EvasionAttack):
         self.restarts = restarts
         self.eot_samples = eot_samples
         self.seed = seed
+        self.early_stop = bool(early_stop)
+        self._eot_chunk = int(eot_chunk)  # private: a speed knob, not part of the attack's strength
 
     def _random_start(self, x: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
         if self.norm == "linf":
@@ -84,17 +125,40 @@ class PGD(EvasionAttack):
             delta = direction * _per_sample_view(radius, x)
         return self.project(x + delta, x)
 
-    def gradient(self, model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Gradient of the summed loss w.r.t. the input, averaged over ``eot_samples`` passes."""
+    def _passes(self, model: nn.Module) -> int:
+        randomized = bool(_randomized_leaves(model))
+        return self.eot_samples if randomized else 1
+
+    def _gradient_and_broken(self, model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor,
+                             passes: int, batchable: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean input gradient of the summed loss over ``passes`` draws, and per sample whether
+        every draw was fooled (misclassified; targeted: classified as ``y``)."""
+        n = x_adv.shape[0]
+        per_forward = max(1, min(passes, self._eot_chunk // max(n, 1))) if batchable else 1
         grad = torch.zeros_like(x_adv)
-        for _ in range(self.eot_samples):
+        broken = torch.ones(n, dtype=torch.bool, device=x_adv.device)
+        left = passes
+        while left > 0:
+            k = min(per_forward, left)
             x_in = x_adv.detach().requires_grad_(True)
-            loss = F.cross_entropy(model(x_in), y, reduction="sum")
+            stacked = x_in.repeat(k, *([1] * (x_in.dim() - 1))) if k > 1 else x_in
+            yk = y.repeat(k) if k > 1 else y
+            logits = model(stacked)
+            loss = F.cross_entropy(logits, yk, reduction="sum")
             if self.targeted:
                 loss = -loss
-            (g,) = torch.autograd.grad(loss, x_in)
+            (g,) = torch.autograd.grad(loss, x_in)  # autograd sums the k copies' gradients
             grad += g
-        return grad / self.eot_samples
+            pred = logits.detach().argmax(1).view(k, n)
+            fooled = (pred == y) if self.targeted else (pred != y)
+            broken &= fooled.all(0)
+            left -= k
+        return grad / passes, broken
+
+    def gradient(self, model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Gradient of the summed loss w.r.t. the input, averaged over ``eot_samples`` passes
+        (one pass on a model without randomness)."""
+        return self._gradient_and_broken(model, x_adv, y, self._passes(model), draws_batchable(model))[0]
 
     def _step(self, x_adv: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         if self.norm == "linf":
@@ -113,17 +177,30 @@ class PGD(EvasionAttack):
         gen = None
         if self.seed is not None:
             gen = torch.Generator(device=x.device).manual_seed(self.seed)
+        passes = self._passes(model)
+        batchable = draws_batchable(model)
+        randomized = bool(_randomized_leaves(model))
+        stop_early = self.early_stop and (not randomized or passes > 1)
         best = x.clone()
         done = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         for _ in range(self.restarts):
-            x_adv = self._random_start(x, gen) if self.random_start else x.clone()
+            # the start is drawn for the whole batch, so the random stream does not depend on who is left
+            start = self._random_start(x, gen) if self.random_start else x.clone()
+            idx = torch.nonzero(~done).flatten()
+            x0, ya, xa = x[idx], y[idx], start[idx]
             for _ in range(self.steps):
-                grad = self.gradient(model, x_adv, y)
-                x_adv = self.project(self._step(x_adv, grad).detach(), x)
-            success = self._success(model, x_adv, y)
-            update = ~done
-            best[update] = x_adv[update]
-            done |= success
+                grad, broken = self._gradient_and_broken(model, xa, ya, passes, batchable)
+                if stop_early and bool(broken.any()):
+                    best[idx[broken]] = xa[broken]
+                    done[idx[broken]] = True
+                    keep = ~broken
+                    idx, x0, ya, xa, grad = idx[keep], x0[keep], ya[keep], xa[keep], grad[keep]
+                    if idx.numel() == 0:
+                        break
+                xa = self.project(self._step(xa, grad).detach(), x0)
+            if idx.numel():
+                best[idx] = xa
+                done[idx] |= self._success(model, xa, ya)
             if bool(done.all()):
                 break
         return best

@@ -26,7 +26,7 @@ from ..preprocessing import build_preprocessor
 from ..registry import ATTACKS, PREPROCESSORS
 from ..wrap import Defended, wrap
 from .checks import Check, check_stronger_attack, sanity_checks
-from .metrics import robust_accuracy
+from .metrics import AttackResult, robust_accuracy
 
 
 @dataclass
@@ -130,7 +130,7 @@ class Evaluation:
 
     def table(self) -> list[dict[str, Any]]:
         """The rows as a report shows them (without plot-only and per-setting keys)."""
-        hidden = {"family", "settings", "kind"}
+        hidden = {"family", "settings", "kind", "attacked"}
         return [{k: v for k, v in r.items() if k not in hidden} for r in self.rows]
 
 
@@ -155,6 +155,53 @@ def _worst_case_rows(label: str, results: list[tuple[dict[str, Any], Any]]) -> l
     return rows
 
 
+def attack_cost(attack: EvasionAttack, model: nn.Module) -> float:
+    """Forward+backward passes per image the attack spends at most (the cascade runs cheapest first).
+
+    PGD: steps x restarts x EOT passes (one on a deterministic model). AutoAttack: its APGD / FAB
+    iterations x restarts x EOT draws per attack it runs, plus Square's queries (forward only, counted
+    as a third of a pass). Other attacks: an ``attack.cost`` attribute, else infinite (they run last).
+    """
+    randomized = bool(getattr(model, "randomized", False))
+    if all(hasattr(attack, k) for k in ("steps", "restarts")):
+        return float(attack.steps * attack.restarts * (attack.eot_samples if randomized else 1))
+    if hasattr(attack, "version") and hasattr(attack, "build"):
+        s = attack.describe()
+        total = 0.0
+        for name in s["attacks"]:
+            if name == "square":
+                total += s["square_queries"] / 3
+            else:
+                eot = s["eot_iter"] if name.startswith("apgd") and randomized else 1
+                total += s["n_iter"] * s["restarts"] * eot
+        return total
+    return float(getattr(attack, "cost", float("inf")))
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(f"'{n}'" for n in names)
+
+
+def _on_subset(model: nn.Module, attack: EvasionAttack, x: torch.Tensor, y: torch.Tensor, subset: torch.Tensor,
+               *, desc: str, n_draws: int, **run: Any) -> AttackResult:
+    """``robust_accuracy`` on ``x[subset]`` only, as a result over all of ``x``: the images left out
+    count as not robust (a cheaper attack already broke them in every draw)."""
+    n = int(x.shape[0])
+    frac = torch.zeros(n)
+    correct = torch.zeros(n, dtype=torch.bool)
+    clean = torch.zeros(n, dtype=torch.bool)
+    seconds, draws = 0.0, n_draws
+    if subset.numel():
+        part = robust_accuracy(model, attack, x[subset], y[subset], desc=desc, **run)
+        frac[subset] = part.robust_frac.float()
+        correct[subset] = part.robust_correct
+        clean[subset] = part.clean_correct
+        seconds, draws = part.seconds, part.draws
+    return AttackResult(clean_accuracy=float("nan"), robust_accuracy=float(frac.mean()), n=n, seconds=seconds,
+                        clean_correct=clean, robust_correct=correct, draws=draws, robust_frac=frac,
+                        robust_all_draws=float(correct.float().mean()))
+
+
 def evaluate_defenses(
     model: nn.Module,
     x: torch.Tensor,
@@ -170,6 +217,7 @@ def evaluate_defenses(
     checks: bool = True,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    cascade: bool = False,
 ) -> Evaluation:
     """Clean and robust accuracy of ``model`` behind each defense under each attack.
 
@@ -181,6 +229,13 @@ def evaluate_defenses(
     attacked with seed ``seed + b``, so the result is the same under ``torchrun`` sharding.
     ``checks``: run the gradient-masking sanity checks (:mod:`robustkit.eval.checks`) per defense,
     including a stronger PGD on the images that survived the strongest adaptive PGD row of each norm.
+
+    ``cascade``: per defense and radius, run the adaptive attacks cheapest first (:func:`attack_cost`),
+    each only on the images that every cheaper one left robust in at least one draw (on a deterministic
+    defense, also only on the clean-correct ones), as AutoAttack does inside its ensemble. The worst-case
+    row is unchanged (an image broken in every draw stays at 0 whatever runs after); an attack's own row
+    then means "robust after this attack and every cheaper one at this radius", and a note says so.
+    Non-adaptive rows always run on every image.
     """
     from ..registry import parse_number
 
@@ -206,9 +261,7 @@ def evaluate_defenses(
                      "all_draws": res.clean_all_draws, "draws": res.draws, "adaptive": "-", "gradient": "-",
                      "seconds": res.seconds, "family": "clean", "kind": "clean", "settings": {}})
         done: set[str] = set()
-        attacks_run: list[EvasionAttack] = []
-        done_settings: list[dict[str, Any]] = []
-        results: list[tuple[dict[str, Any], Any]] = []
+        planned: list[tuple[int, str, EvasionAttack, bool, Any]] = []  # (order, name, attack, adaptive, spec)
         for i, a in enumerate(attack_specs):
             for radius in radii:
                 attack = a.build(radius, f"attacks[{i}]")
@@ -217,32 +270,65 @@ def evaluate_defenses(
                     # a deterministic model gives the same gradient on every EOT pass: one is enough
                     attack = attack.with_options(eot_samples=1)
                 name = a.name(attack, radius is not None)
-                if name in done and dropped_eot and attack.describe() in done_settings:
+                if name in done and dropped_eot and any(attack.describe() == p[2].describe() for p in planned):
                     notes.append(f"'{d.label}': '{name}' ran once; the same attack with EOT adds nothing on a "
                                  "deterministic defense")
                     continue
                 if name in done:
                     name = f"{name} #{sum(1 for n in done if n == name or n.startswith(name + ' #')) + 1}"
                 done.add(name)
-                done_settings.append(attack.describe())
-                res = robust_accuracy(defended, attack, x, y, desc=f"{d.label} / {name}", **run)
                 adaptive = (not defended.randomized) or attack.eot_samples > 1
-                row = {"defense": d.label, "attack": name, "norm": attack.norm, "eps": attack.eps,
-                       "accuracy": res.robust_accuracy, "all_draws": res.robust_all_draws, "draws": res.draws,
-                       "adaptive": adaptive, "gradient": "BPDA" if bpda else "exact", "seconds": res.seconds,
-                       "family": a.label or attack.family(), "kind": type(attack).__name__.lower(),
-                       "settings": attack.describe()}
-                rows.append(row)
-                results.append((row, res))
-                attacks_run.append(attack)
-                say(f"  {d.label} / {name}: robust accuracy {res.robust_accuracy:.3f} ({res.seconds:.1f} s)")
-                if not adaptive:
-                    notes.append(
-                        f"'{d.label}' is randomized but '{name}' averages no gradients over its randomness (no EOT): "
-                        "its robust accuracy is an upper bound, not evidence of robustness.")
-                if attack.reduced:
-                    notes.append(f"'{name}' ran with a reduced budget ({attack.describe()}): it is a weaker attack "
-                                 "than the published one and its number is not an AutoAttack result.")
+                planned.append((len(planned), name, attack, adaptive, a))
+        # execution order: with the cascade, per radius the adaptive attacks run cheapest first, each on
+        # the images every cheaper one left robust in at least one draw; rows keep the config's order
+        order = list(planned)
+        if cascade:
+            order.sort(key=lambda p: (not p[3], (p[2].norm, p[2].eps) if p[3] else ("", 0.0), attack_cost(p[2], defended)))
+        survivors: dict[tuple[str, float], torch.Tensor] = {}
+        cheaper: dict[tuple[str, float], list[str]] = {}
+        clean_ok = res.robust_frac > 0  # deterministic: exactly the clean-correct images
+        outcome: dict[int, tuple[dict[str, Any], Any, EvasionAttack]] = {}
+        for pos, name, attack, adaptive, a in order:
+            key = (attack.norm, attack.eps)
+            subset = None
+            if cascade and adaptive:
+                alive = survivors.get(key, clean_ok if not defended.randomized else torch.ones_like(clean_ok))
+                if not bool(alive.all()):
+                    subset = torch.nonzero(alive).flatten()
+            if subset is None:
+                res_a = robust_accuracy(defended, attack, x, y, desc=f"{d.label} / {name}", **run)
+            else:
+                res_a = _on_subset(defended, attack, x, y, subset, desc=f"{d.label} / {name}",
+                                   n_draws=res.draws, **run)
+                notes.append(f"'{d.label}' / '{name}': cascade - attacked only the {subset.numel()} of {x.shape[0]} "
+                             f"images left robust by {_names(cheaper.get(key, [])) or 'the clean check'}; the row "
+                             "counts the others as broken (robust accuracy after this attack and every cheaper one "
+                             "at this radius).")
+            if cascade and adaptive:
+                survivors[key] = res_a.robust_frac > 0
+                cheaper.setdefault(key, []).append(name)
+            row = {"defense": d.label, "attack": name, "norm": attack.norm, "eps": attack.eps,
+                   "accuracy": res_a.robust_accuracy, "all_draws": res_a.robust_all_draws, "draws": res_a.draws,
+                   "adaptive": adaptive, "gradient": "BPDA" if bpda else "exact", "seconds": res_a.seconds,
+                   "family": a.label or attack.family(), "kind": type(attack).__name__.lower(),
+                   "settings": attack.describe(), "attacked": int(x.shape[0] if subset is None else subset.numel())}
+            outcome[pos] = (row, res_a, attack)
+            say(f"  {d.label} / {name}: robust accuracy {res_a.robust_accuracy:.3f} ({res_a.seconds:.1f} s"
+                + (f", {subset.numel()} of {x.shape[0]} images attacked" if subset is not None else "") + ")")
+        results: list[tuple[dict[str, Any], Any]] = []
+        attacks_run: list[EvasionAttack] = []
+        for pos in sorted(outcome):
+            row, res_a, attack = outcome[pos]
+            rows.append(row)
+            results.append((row, res_a))
+            attacks_run.append(attack)
+            if not row["adaptive"]:
+                notes.append(
+                    f"'{d.label}' is randomized but '{row['attack']}' averages no gradients over its randomness (no "
+                    "EOT): its robust accuracy is an upper bound, not evidence of robustness.")
+            if attack.reduced:
+                notes.append(f"'{row['attack']}' ran with a reduced budget ({attack.describe()}): it is a weaker "
+                             "attack than the published one and its number is not an AutoAttack result.")
         worst = _worst_case_rows(d.label, results)
         rows.extend(worst)
         for w in worst:
