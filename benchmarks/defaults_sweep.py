@@ -24,6 +24,7 @@ network's. Differences below about two standard errors are not resolved by this 
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -79,6 +80,39 @@ def pareto(points: list[tuple[float, float]]) -> list[bool]:
     return [not any(c2 >= c and r2 >= r and (c2 > c or r2 > r) for c2, r2 in points) for c, r in points]
 
 
+def plot(result: dict, path: Path) -> None:
+    """Clean vs EOT-PGD accuracy per radius (error bars: 1 binomial SE), that radius's Pareto front in
+    blue, the undefended network in black, the recommended setting in red."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from robustkit.eval.report import save_figure
+
+    rows, radii = result["rows"], result["radii"]
+    defended = [r for r in rows if r["params"] is not None]
+    best = result["recommended"]["label"]
+    fig, axes = plt.subplots(1, len(radii), figsize=(5.5 * len(radii), 4.4), squeeze=False)
+    for ax, e in zip(axes[0], radii):
+        front = pareto([(r["clean"], r["robust"][e]) for r in defended])
+        on_front = {r["label"] for r, f in zip(defended, front) if f}
+        for r in rows:
+            color = ("black" if r["params"] is None else "tab:red" if r["label"] == best else
+                     "tab:blue" if r["label"] in on_front else "tab:gray")
+            ax.errorbar(100 * r["clean"], 100 * r["robust"][e], xerr=100 * r["clean_se"], yerr=100 * r["robust_se"][e],
+                        fmt="o", color=color, ms=4, lw=0.6, capsize=1.5)
+            ax.annotate(r["label"], (100 * r["clean"], 100 * r["robust"][e]), fontsize=6, xytext=(3, 2),
+                        textcoords="offset points")
+        fr = sorted((100 * r["clean"], 100 * r["robust"][e]) for r in defended if r["label"] in on_front)
+        ax.plot([c for c, _ in fr], [v for _, v in fr], "--", color="tab:blue", lw=0.7)
+        ax.set_xlabel(f"clean accuracy (%), n={result['n_clean']}")
+        ax.set_ylabel(f"EOT-PGD accuracy at Linf {e} (%), n={result['n_attack']}")
+        ax.set_title(f"{result['data']}, {result['model']} w{result['width']}, {result['epochs']} epochs each\n"
+                     "blue: Pareto front at this radius, red: recommended, black: undefended", fontsize=7)
+    save_figure(fig, path)
+
+
 def main(argv=None) -> int:
     p = _common.parser(__doc__, "benchmarks/results/defaults_sweep.json", "digits, a 6-setting grid, fewer images")
     _common.add_data_option(p)
@@ -94,13 +128,18 @@ def main(argv=None) -> int:
     p.add_argument("--max-clean-drop", type=float, default=0.10,
                    help="a recommended setting keeps clean accuracy within this of the undefended network (default 0.10)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--replot", default=None, metavar="JSON", help="only redraw the plot of an earlier result file")
     args = p.parse_args(argv)
     _common.setup(args)
+    if args.replot:
+        src = Path(args.replot)
+        plot(json.loads(src.read_text()), src.with_suffix(".png"))
+        print(f"wrote {src.with_suffix('.png')}")
+        return 0
 
     import robustkit
     from robustkit.data import digits, to_tensors
     from robustkit.data.npz import load_npz
-    from robustkit.eval.report import save_figure
     from robustkit.eval.robust import evaluate_defenses
     from robustkit.registry import parse_number
     from robustkit.training import fit
@@ -190,27 +229,7 @@ def main(argv=None) -> int:
                              "max_clean_drop": args.max_clean_drop, "rows": rows,
                              "recommended": {"label": best["label"], "params": best["params"]}})
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(radii), figsize=(5.5 * len(radii), 4.2), squeeze=False)
-    for ax, e in zip(axes[0], radii):
-        for r in rows:
-            color = "black" if r["params"] is None else ("tab:red" if r is best else
-                                                         ("tab:blue" if r.get("pareto") else "tab:gray"))
-            ax.errorbar(100 * r["clean"], 100 * r["robust"][e], xerr=100 * r["clean_se"], yerr=100 * r["robust_se"][e],
-                        fmt="o", color=color, ms=4, lw=0.6, capsize=1.5)
-            ax.annotate(r["label"], (100 * r["clean"], 100 * r["robust"][e]), fontsize=6, xytext=(3, 2),
-                        textcoords="offset points")
-        fr = sorted((100 * r["clean"], 100 * r["robust"][e]) for r in defended if r.get("pareto"))
-        ax.plot([c for c, _ in fr], [v for _, v in fr], "--", color="tab:blue", lw=0.7)
-        ax.set_xlabel(f"clean accuracy (%), n={n_clean}")
-        ax.set_ylabel(f"EOT-PGD accuracy at Linf {e} (%), n={n_attack}")
-        ax.set_title(f"{data_name}\n{args.model} w{args.width}, {epochs} epochs standard training each; "
-                     "blue: Pareto front (mean over radii), red: recommended", fontsize=7)
-    save_figure(fig, out.with_suffix(".png"))
+    plot(json.loads(out.read_text()), out.with_suffix(".png"))
     print(f"wrote {out.with_suffix('.png')}")
     return 0
 
