@@ -30,6 +30,11 @@ class ActivationClusteringDetails(PerClassDetails):
     size_threshold: float = 0.35
     silhouette_threshold: float = 0.10
 
+    @property
+    def confident(self) -> bool:
+        """True when no diagnostic fired."""
+        return not self.warnings
+
 
 def reduce_features(f: np.ndarray, components: int, method: str, seed: int) -> np.ndarray:
     """``f`` (n x d, float64) projected to ``components`` dimensions.
@@ -85,6 +90,11 @@ class ActivationClustering(DataFilter):
        majority) is not flagged; ``details.warnings`` says so (when that cluster's spread is
        more than 1.5 x or less than 1 / 1.5 x a typical class's), and also when the two clusters
        are of about equal size (the size criterion cannot decide).
+
+    Diagnostics: ``details.warnings`` also says when no class splits at all (every silhouette
+    below ``silhouette_threshold``: the premise fails on these features) or when classes split
+    but none has a small suspicious cluster; a ``RuntimeWarning`` repeats every warning and
+    ``details.confident`` is True when there is none.
 
     ``scores``: ``max(silhouette, 0) * (d_other - d_susp) / (d_other + d_susp)``, with the
     distances of a sample to the two centroids in the reduced space: positive means closer to
@@ -154,6 +164,16 @@ class ActivationClustering(DataFilter):
             classes[c] = {"n": len(idx), "suspicious_share": share, "silhouette": sil,
                           "spread_deviation": [round(float(deviation[susp]), 3), round(float(deviation[1 - susp]), 3)],
                           "flagged": int(poisoned) * int(sizes[susp])}
+        split = [c for c, v in classes.items() if v.get("silhouette", 0.0) >= self.silhouette_threshold]
+        if not split:
+            notes.append(f"no class splits into two clusters (every silhouette < {self.silhouette_threshold:g}): "
+                         "activation clustering's premise (the poisoned samples form their own cluster inside the "
+                         "target class) does not hold on these features; nothing is flagged")
+        elif not flagged.any():
+            notes.append("some classes split into two clusters but none has a small suspicious cluster "
+                         f"(share <= {self.size_threshold:g}): nothing is flagged")
+        if notes:
+            warnings.warn("activation_clustering: " + "; ".join(notes), RuntimeWarning, stacklevel=2)
         details = ActivationClusteringDetails(
             per_class=classes,
             score=f"silhouette x relative closeness to the suspicious ({self.suspicious}) 2-means cluster of the class",

@@ -16,7 +16,8 @@ Every filter (here, :mod:`.activation_clustering`, :mod:`.spectral_signatures`) 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -103,11 +104,140 @@ def attention_entropies(model: nn.Module, dataset: Dataset, batch_size: int = 25
     return torch.stack([torch.cat(h.values) for h in hooks], dim=1), [n for n, _, _ in layers]
 
 
+# --------------------------------------------------------------------------- scoring
+DIRECTIONS = ("both", "low", "high")
+MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution times this is its standard deviation
+
+
+def _mode_and_scale(v: np.ndarray, gmm: dict[str, Any]) -> tuple[float, float]:
+    """The clean mode of one layer's entropies and its spread.
+
+    The clean samples are the majority, so the heavier mixture component is the clean mode:
+    its mean and standard deviation. When that component is degenerate (a near-zero width) the
+    median and the scaled median absolute deviation of all samples are used instead.
+    """
+    major = int(np.argmax(gmm["weights"]))
+    mode, scale = float(gmm["means"][major]), float(gmm["stds"][major])
+    floor = 1e-6 * max(1.0, abs(mode))
+    if not scale > floor:
+        mode = float(np.median(v))
+        scale = max(MAD_TO_SIGMA * float(np.median(np.abs(v - mode))), floor)
+    return mode, scale
+
+
+def _minority_side(gmm: dict[str, Any]) -> int:
+    """+1 when the lighter mixture component lies above the heavier one (entropy raised), -1 when below."""
+    major = int(np.argmax(gmm["weights"]))
+    return 1 if gmm["means"][1 - major] > gmm["means"][major] else -1
+
+
+def high_cluster(values: np.ndarray, gmm: dict[str, Any]) -> tuple[np.ndarray, float | None]:
+    """The upper-tail mirror of :func:`~robustkit.filtering.common.low_cluster`: the samples of the
+    higher-mean component as an upper tail ``values >= cut``."""
+    mirrored = {**gmm, "means": [-gmm["means"][1], -gmm["means"][0]], "order": gmm["order"][::-1],
+                "model": _Negated(gmm["model"])}
+    mask, cut = low_cluster(-np.asarray(values, dtype=np.float64), mirrored)
+    return mask, (None if cut is None else -cut)
+
+
+class _Negated:
+    """A fitted mixture read on negated values (``predict(-x)`` of the original)."""
+
+    def __init__(self, model: Any):
+        self.model = model
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return self.model.predict(-x)
+
+
+def entropy_scores(entropy: np.ndarray, direction: str = "both", separation: float = 2.0,
+                   layers: list[int] | None = None, seed: int = 0) -> dict[str, Any]:
+    """Suspicion scores from an ``N x L`` matrix of per-layer CLS-attention entropies.
+
+    Per layer ``j`` a 2-component mixture is fitted; BYE's test ``|mu1 - mu2| > separation
+    (sigma1 + sigma2)`` marks it sensitive. The heavier component is the *clean mode*
+    (``m_j``, ``s_j``: the clean samples are the majority). Every sample's deviation from it is
+    ``z_ij = (H_ij - m_j) / s_j``.
+
+    - ``direction="low"`` (BYE): a trigger collapses attention, ``d_j = -1`` on every layer.
+    - ``"high"``: a trigger spreads attention (e.g. a full-image blend), ``d_j = +1``.
+    - ``"both"`` (default): ``d_j`` is the side of layer ``j``'s lighter (minority) component,
+      ``-1`` below the clean mode and ``+1`` above; each layer is read in the direction in which
+      *its* deviating minority lies.
+
+    The score of a sample is ``mean_j d_j z_ij`` over the sensitive layers (``layers`` when
+    given). Without a sensitive layer all layers are used with the two-sided deviation
+    ``|z_ij|`` ("both") or ``d_j z_ij`` ("low" / "high"), and ``fallback`` is True. A
+    2-component mixture on the scores flags the upper cluster as an upper tail
+    (:func:`high_cluster`).
+    """
+    if direction not in DIRECTIONS:
+        raise InputError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    e = np.asarray(entropy, dtype=np.float64)
+    if e.ndim != 2 or e.shape[0] < 2:
+        raise InputError(f"entropy must be an N x L matrix with N >= 2, got shape {e.shape}")
+    per_layer, z = [], np.empty_like(e)
+    for j in range(e.shape[1]):
+        g = fit_gmm2(e[:, j], seed)
+        mode, scale = _mode_and_scale(e[:, j], g)
+        z[:, j] = (e[:, j] - mode) / scale
+        side = {"low": -1, "high": 1}.get(direction, _minority_side(g))
+        per_layer.append({"means": g["means"], "stds": g["stds"], "weights": g["weights"],
+                          "bimodal": is_bimodal(g, separation),
+                          "gap": abs(g["means"][1] - g["means"][0]) / max(g["stds"][0] + g["stds"][1], 1e-12),
+                          "clean_mode": mode, "clean_scale": scale, "direction": "high" if side > 0 else "low"})
+    if layers is not None:
+        chosen, fallback = list(layers), False
+    else:
+        chosen = [j for j, r in enumerate(per_layer) if r["bimodal"]]
+        fallback = not chosen
+        if fallback:
+            chosen = list(range(e.shape[1]))
+    signs = np.array([1.0 if per_layer[j]["direction"] == "high" else -1.0 for j in chosen])
+    if fallback and direction == "both":
+        score = np.abs(z[:, chosen]).mean(axis=1)
+    else:
+        score = (z[:, chosen] * signs).mean(axis=1)
+    g = fit_gmm2(score, seed)
+    flagged, cut = high_cluster(score, g)
+    return {"scores": score, "flagged": flagged, "threshold": cut, "layers": chosen, "fallback": fallback,
+            "per_layer": per_layer, "score_gmm": {k: g[k] for k in ("means", "stds", "weights")},
+            "score_bimodal": is_bimodal(g, separation)}
+
+
+def entropy_warnings(info: dict[str, Any], separation: float, names: list[str] | None = None) -> list[str]:
+    """Where the filter's premise (a minority whose attention entropy departs from a clean mode) fails."""
+    notes = []
+    n = len(info["scores"])
+    if info["fallback"]:
+        notes.append(f"no layer's entropies are bimodal (BYE's test with separation {separation:g}; largest gap "
+                     f"{max(r['gap'] for r in info['per_layer']):.2f}): no trigger visibly changes attention entropy "
+                     "here, the scores are deviations over all layers and the flagged set is unreliable")
+    if not info["score_bimodal"]:
+        (m1, m2), (s1, s2) = info["score_gmm"]["means"], info["score_gmm"]["stds"]
+        notes.append(f"the scores are not bimodal (gap {abs(m2 - m1) / max(s1 + s2, 1e-12):.2f} < {separation:g} "
+                     "component widths): the flagged cluster is not clearly separated from the rest")
+    share = float(np.mean(info["flagged"])) if n else 0.0
+    if share > 0.5:
+        notes.append(f"{share:.0%} of the samples are flagged: the deviating cluster is the majority, the clean-mode "
+                     "assumption (clean samples are most of the data) fails")
+    elif 0.4 <= share <= 0.5:
+        notes.append(f"{share:.0%} of the samples are flagged: two clusters of about equal size, which of them is "
+                     "clean cannot be told from attention entropy")
+    sides = {info["per_layer"][j]["direction"] for j in info["layers"]}
+    if not info["fallback"] and len(sides) > 1:
+        label = [names[j] if names else str(j) for j in info["layers"]]
+        notes.append("the sensitive layers deviate in opposite directions (" + ", ".join(
+            f"{l}: {info['per_layer'][j]['direction']}" for l, j in zip(label, info["layers"])) + ")")
+    return notes
+
+
 # --------------------------------------------------------------------------- filters
 @dataclass
 class AttentionEntropyDetails(ResultDetails):
     """Layers used (and whether that was the all-layer fallback), every layer's entropy mixture,
-    the score mixture and the flagging threshold; ``entropy`` / ``layer_entropy`` are per sample."""
+    clean mode and direction, the score mixture, the flagging threshold and the diagnostics;
+    ``entropy`` (mean entropy over the layers used) and ``layer_entropy`` are per sample."""
 
     layers: list[str]
     layer_indices: list[int]
@@ -118,8 +248,15 @@ class AttentionEntropyDetails(ResultDetails):
     separation: float
     threshold: float | None
     score: str
+    direction: str
     entropy: torch.Tensor
     layer_entropy: torch.Tensor
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def confident(self) -> bool:
+        """True when no diagnostic fired (a sensitive layer, bimodal scores, a minority flagged)."""
+        return not self.warnings
 
     def tables(self) -> list[tuple[str, list[dict[str, Any]]]]:
         return [("Layers", [dict(r) for r in self.per_layer])]
@@ -127,29 +264,38 @@ class AttentionEntropyDetails(ResultDetails):
 
 @FILTERS.register("attention_entropy")
 class AttentionEntropyFilter(DataFilter):
-    """BYE-style attention-entropy filtering for ViT classifiers (see the module docstring).
+    """Attention-entropy filtering for ViT classifiers, after BYE (see the module docstring), two-sided.
 
     Args:
         separation: the bimodality factor (2 in the paper).
+        direction: ``"both"`` (default): each sensitive layer is read toward the side where its
+            minority mixture component lies, so triggers that collapse attention (patches) and
+            triggers that spread it (full-image blends) are both found; ``"low"``: BYE's rule
+            (low entropy is suspicious); ``"high"``: the opposite. See :func:`entropy_scores`.
         layers: indices of the layers to use instead of the bimodality selection.
         batch_size, progress: batching and progress bar of the forward passes.
         seed: random state of the mixtures (results are deterministic for a seed).
 
-    ``scores`` are the negative mean entropy (higher = more suspicious). When no layer is
-    bimodal, all layers are used and ``details['fallback']`` says so. ``details`` also holds
-    every layer's entropy mixture, the chosen layers and ``threshold``: a sample is flagged
+    ``scores``: the mean signed deviation from the clean mode in units of its width (higher =
+    more suspicious). When no layer is bimodal all layers are used, ``details['fallback']`` says
+    so and ``"both"`` scores the two-sided deviation ``mean |z|``. ``details.warnings`` lists
+    every failed premise (no bimodal layer, scores not bimodal, the flagged cluster a majority or
+    half of the data, layers deviating in opposite directions) and a ``RuntimeWarning`` repeats
+    them; ``details.confident`` is True when there are none. ``threshold``: a sample is flagged
     iff its score is at least that (None when nothing is flagged).
     """
 
     def __init__(self, separation: float = 2.0, layers: list[int] | None = None, batch_size: int = 256,
-                 seed: int = 0, progress: bool = True):
+                 seed: int = 0, progress: bool = True, direction: str = "both"):
         self.separation = check_positive(separation, "separation")
         if layers is not None and (isinstance(layers, (str, bytes)) or not layers
                                    or not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in layers)):
             raise InputError(f"layers must be a non-empty list of layer indices, got {layers!r}")
+        if direction not in DIRECTIONS:
+            raise InputError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
         self.layers = None if layers is None else [int(i) for i in layers]
         self.batch_size = positive_int(batch_size, "batch_size")
-        self.seed, self.progress = check_seed(seed), bool(progress)
+        self.seed, self.progress, self.direction = check_seed(seed), bool(progress), direction
 
     def fit(self, model: nn.Module, dataset: Dataset) -> FilterResult:
         if self.layers is not None:  # check the indices before the forward passes
@@ -158,27 +304,21 @@ class AttentionEntropyFilter(DataFilter):
                 raise InputError(f"layers must be indices in [0, {depth - 1}] ({depth} attention layers), got {self.layers}")
         ent, names = attention_entropies(model, dataset, self.batch_size, self.progress)
         e = ent.double().numpy()
-        per_layer = []
-        for j, name in enumerate(names):
-            g = fit_gmm2(e[:, j], self.seed)
-            per_layer.append({"layer": name, "means": g["means"], "stds": g["stds"], "weights": g["weights"],
-                              "bimodal": is_bimodal(g, self.separation)})
-        if self.layers is not None:
-            chosen, fallback = list(self.layers), False
-        else:
-            chosen = [j for j, r in enumerate(per_layer) if r["bimodal"]]
-            fallback = not chosen
-            if fallback:
-                chosen = list(range(len(names)))
-        entropy = e[:, chosen].mean(axis=1)
-        g = fit_gmm2(entropy, self.seed)
-        flagged, cut = low_cluster(entropy, g)
-        scores = torch.from_numpy(-entropy)
-        threshold = None if cut is None else -cut
+        info = entropy_scores(e, self.direction, self.separation, self.layers, self.seed)
+        per_layer = [{"layer": name, **r} for name, r in zip(names, info["per_layer"])]
+        notes = entropy_warnings(info, self.separation, names)
+        if notes:
+            warnings.warn("attention_entropy: " + "; ".join(notes), RuntimeWarning, stacklevel=2)
+        chosen = info["layers"]
+        what = {"both": "signed deviation from the clean mode toward each layer's minority side",
+                "low": "deviation below the clean mode (BYE: low entropy)",
+                "high": "deviation above the clean mode (high entropy)"}[self.direction]
+        if info["fallback"] and self.direction == "both":
+            what = "two-sided deviation |z| from the clean mode (no bimodal layer)"
         details = AttentionEntropyDetails(
-            layers=[names[j] for j in chosen], layer_indices=chosen, fallback=fallback, per_layer=per_layer,
-            score_gmm={k: g[k] for k in ("means", "stds", "weights")}, score_bimodal=is_bimodal(g, self.separation),
-            separation=self.separation, threshold=threshold,
-            score="negative mean CLS-attention entropy over the chosen layers",
-            entropy=torch.from_numpy(entropy), layer_entropy=ent)
-        return FilterResult(scores.float(), torch.from_numpy(flagged), details)
+            layers=[names[j] for j in chosen], layer_indices=chosen, fallback=info["fallback"], per_layer=per_layer,
+            score_gmm=info["score_gmm"], score_bimodal=info["score_bimodal"], separation=self.separation,
+            threshold=info["threshold"], score=f"{what}, mean over the chosen layers (clean-mode widths)",
+            direction=self.direction, entropy=torch.from_numpy(e[:, chosen].mean(axis=1)), layer_entropy=ent,
+            warnings=notes)
+        return FilterResult(torch.from_numpy(info["scores"]).float(), torch.from_numpy(info["flagged"]), details)

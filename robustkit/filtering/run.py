@@ -121,6 +121,8 @@ def run_filter(model: nn.Module, dataset: Dataset, data_filter: DataFilter | Any
     else:
         report.notes.append("the data carries no ground truth (not a robustkit poisoned set): no TPR/FPR")
     report.add_table("Filtering", [row], note="TPR/FPR: share of poisoned / clean samples flagged; AUROC on the scores.")
+    for note in result.details.get("warnings", None) or []:
+        report.notes.append(f"WARNING ({label}): {note}")
     for title, rows in result.details.tables():
         report.add_table(title, rows)
     report.add_table("Details", [result.details.summary()])

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -16,12 +17,41 @@ from .common import PerClassDetails, penultimate_features, per_class, positive_i
 
 
 SCORES = ("squared", "signed")
+#: A class "has a dominant direction" when its top singular share is this many times the median class's.
+DOMINANCE = 1.5
+#: Below this ``<mean, v> / std(<r_i - mean, v>)`` the signed score's orientation is a guess.
+MIN_MARGIN = 0.5
+
+
+def spectral_warnings(classes: dict[int, dict], score: str) -> list[str]:
+    """Where spectral signatures' premise fails (see :class:`SpectralSignatures`)."""
+    shares = {c: v["top_share"] for c, v in classes.items() if v.get("n", 0) >= 2}
+    if len(shares) < 2:
+        return []
+    notes = []
+    top = max(shares, key=shares.get)
+    median = float(sorted(shares.values())[len(shares) // 2])
+    if shares[top] < DOMINANCE * median:
+        notes.append(f"no class has a dominant direction (largest top singular share {shares[top]:.2f}, class {top}, "
+                     f"vs the median class's {median:.2f}; premise: poisoned samples shift one class along one "
+                     "direction): the flagged samples are each class's extremes, not necessarily poisoned")
+    if score == "signed" and classes[top].get("orientation_margin", 0.0) < MIN_MARGIN:
+        notes.append(f"class {top}: the class mean projects weakly on the top direction (margin "
+                     f"{classes[top].get('orientation_margin', 0.0):.2f} < {MIN_MARGIN}): the signed score's choice of "
+                     "tail is uncertain")
+    return notes
 
 
 @dataclass
 class SpectralSignaturesDetails(PerClassDetails):
     removed_share: float = 0.0
     scoring: str = "squared"
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def confident(self) -> bool:
+        """True when no diagnostic fired."""
+        return not self.warnings
 
 
 @FILTERS.register("spectral_signatures")
@@ -51,7 +81,17 @@ class SpectralSignatures(DataFilter):
       explicitly instead of relying on the offset.
 
     ``details['per_class']`` records, per class, the top singular value's share of the
-    centred matrix's energy and ``mean_projection`` (``<mean, v>`` after orientation).
+    centred matrix's energy (``top_share``), ``mean_projection`` (``<mean, v>`` after
+    orientation) and ``orientation_margin`` (``<mean, v>`` over the projections' standard
+    deviation).
+
+    Diagnostics (``details.warnings``, repeated as a ``RuntimeWarning``; ``details.confident``
+    when there is none): the filter always removes ``removal_factor * expected_rate`` of every
+    class, so it cannot say "nothing here". It warns when no class has a dominant direction
+    (the largest ``top_share`` is less than :data:`DOMINANCE` x the median class's: the
+    poisoned samples do not shift any class along one direction, the paper's premise) and, with
+    ``score="signed"``, when the most dominant class's orientation is weak
+    (``orientation_margin`` < :data:`MIN_MARGIN`: which tail is the poisoned one is a guess).
     """
 
     def __init__(self, expected_rate: float = 0.1, removal_factor: float = 1.5, batch_size: int = 256,
@@ -81,10 +121,13 @@ class SpectralSignatures(DataFilter):
                 top = torch.as_tensor(idx)[torch.topk(s, k).indices]
                 flagged[top] = True
             classes[c] = {"n": len(idx), "flagged": k, **info}
+        notes = spectral_warnings(classes, self.score)
+        if notes:
+            warnings.warn("spectral_signatures: " + "; ".join(notes), RuntimeWarning, stacklevel=2)
         what = ("squared projection" if self.score == "squared" else "signed projection (oriented to the class mean)")
         details = SpectralSignaturesDetails(
             per_class=classes, score=f"{what} on the class's top singular vector / class mean |score|",
-            removed_share=share, scoring=self.score)
+            removed_share=share, scoring=self.score, warnings=notes)
         return FilterResult(scores.float(), flagged, details)
 
 
@@ -99,7 +142,7 @@ def class_scores(r: torch.Tensor, score: str = "squared") -> tuple[torch.Tensor,
     mean = r.mean(dim=0, keepdim=True)
     centred = r - mean
     if r.shape[0] < 2:
-        return torch.zeros(r.shape[0], dtype=r.dtype), {"top_share": 0.0, "mean_projection": 0.0}
+        return torch.zeros(r.shape[0], dtype=r.dtype), {"top_share": 0.0, "mean_projection": 0.0, "orientation_margin": 0.0}
     _, sv, vh = torch.linalg.svd(centred, full_matrices=False)
     v = vh[0]
     m = float(mean[0] @ v)
@@ -107,5 +150,7 @@ def class_scores(r: torch.Tensor, score: str = "squared") -> tuple[torch.Tensor,
         v, m = -v, -m
     proj = centred @ v
     energy = float((sv**2).sum())
-    info = {"top_share": float(sv[0] ** 2) / energy if energy > 0 else 0.0, "mean_projection": m}
+    spread = float(proj.std())
+    info = {"top_share": float(sv[0] ** 2) / energy if energy > 0 else 0.0, "mean_projection": m,
+            "orientation_margin": m / spread if spread > 0 else 0.0}
     return (proj**2 if score == "squared" else proj), info

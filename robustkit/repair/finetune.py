@@ -79,6 +79,7 @@ class FineTuneDetails(ResultDetails):
 
     clean_samples: int
     steps_per_epoch: int
+    steps: int = 0
     holdout_samples: int = 0
     holdout_acc_before: float | None = None
     holdout_acc_after: float | None = None
@@ -135,7 +136,8 @@ class _FineTuneRepair(ModelRepair):
             desc=type(self).__name__,
         )
         check = check_collapse(type(self).__name__, acc_before, net, split.holdout, self.max_acc_drop)
-        details = FineTuneDetails(len(subset), math.ceil(len(subset) / self.batch_size), check.samples,
+        per_epoch = math.ceil(len(subset) / self.batch_size)
+        details = FineTuneDetails(len(subset), per_epoch, per_epoch * self.epochs, check.samples,
                                   check.acc_before, check.acc_after, self.max_acc_drop, check.collapsed)
         return RepairResult(net, history, details, collapsed=check.collapsed)
 
@@ -163,7 +165,18 @@ class FTSAM(_FineTuneRepair):
     (``eta = 0.01`` as in the ASAM code FT-SAM builds on; biases are unscaled); on the
     second (perturbed) forward pass BatchNorm running statistics are not updated
     (momentum 0). Epochs here are passes over the clean subset, so with small data keep the
-    number of *steps* in mind (``details['steps_per_epoch']``).
+    number of *steps* in mind (``details['steps_per_epoch']``, ``details['steps']``): the
+    paper's 100 epochs over 2,500 images at batch 256 are 1,000 SGD steps, 5% of a small set
+    at batch 256 gives one step per epoch.
+
+    **Learning rate vs. the victim's.** The paper's lr 0.01 is the learning rate of its
+    victims (BackdoorBench trains them with SGD lr 0.01). Measured in
+    ``benchmarks/ftsam_recipe.py`` (docs/repair.md, "Why FT-SAM depends on the victim's
+    recipe"): on a victim trained with lr 0.05, FT-SAM at lr 0.01 leaves the backdoor
+    (ASR 99%) whatever the budget (3x the steps), the clean-set size (20%), label smoothing or
+    rho (8: ASR 57%, ACC -4); at the victim's own lr 0.05 it removes it (ASR 0.2%). On a
+    victim trained with lr 0.01, lr 0.05 over-shoots (ACC -8). Pass ``lr`` = the suspect's
+    training learning rate when it is known; the default stays the paper's.
     """
 
     uses_sam = True
