@@ -32,6 +32,7 @@ error). The verdict says "supralinear" only when the margin exceeds 2 standard e
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -55,6 +56,41 @@ DEFENSES = {
 PAPER = {  # CIFAR-10, standard CNN: clean / Linf PGD / EoT (REFERENCES.md section 1)
     "none": (74.5, 0.2, 0.2), "noise+bilateral": (67.9, 36.5, 18.9), "bilateral+noise": (67.5, 28.1, 15.1),
 }
+
+
+def plot(result: dict, path: Path) -> None:
+    """Bars per defense (one panel per training): clean, PGD, EOT-PGD, AutoAttack rand, worst case per
+    example (Linf, L2); error bars are 1 binomial SE."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from robustkit.eval.report import save_figure
+
+    rows = result["rows"]
+    trainings = list(dict.fromkeys(r["training"] for r in rows))
+    aa = "AA-rand" + (" (reduced)" if result.get("autoattack_budget") not in (None, "published") else "")
+    fig, axes = plt.subplots(1, len(trainings), figsize=(7 * len(trainings), 3.8), squeeze=False)
+    for ax, training in zip(axes[0], trainings):
+        sub = [r for r in rows if r["training"] == training]
+        keys = [("clean", "clean"), ("pgd_linf", "PGD-Linf"), ("eot_pgd_linf", "EOT-PGD-Linf"), ("autoattack_rand", aa),
+                ("worst_linf", "worst Linf"), ("worst_l2", "worst L2")]
+        keys = [(k, lab) for k, lab in keys if all(r.get(k) is not None for r in sub)]
+        w = 0.8 / len(keys)
+        for j, (k, lab) in enumerate(keys):
+            ax.bar([i + (j - (len(keys) - 1) / 2) * w for i in range(len(sub))], [100 * r[k] for r in sub], w, label=lab,
+                   yerr=[100 * r["se"][k] for r in sub], capsize=2, error_kw={"lw": 0.6})
+        ax.set_xticks(range(len(sub)))
+        ax.set_xticklabels([r["defense"] for r in sub], fontsize=8)
+        ax.set_ylabel("accuracy (%)")
+        ax.set_ylim(0, 105)
+        extra = (f", TRADES warm-started, {result['trades']['epochs']} ep." if training == "trades" and
+                 result.get("trades", {}).get("init") == "standard" else "")
+        ax.set_title(f"{result['data']}, {result['model']} w{result.get('width')}, {training} training{extra}\n"
+                     f"Linf {result['eps_linf']} / L2 {result['eps_l2']}, n={result['n_test']} (bars: 1 SE)", fontsize=8)
+        ax.legend(fontsize=7)
+    save_figure(fig, path)
 
 
 def _se(p: float, n: int) -> float:
@@ -111,13 +147,18 @@ def main(argv=None) -> int:
     p.add_argument("--defenses", default=",".join(DEFENSES), help="comma-separated subset of " + ", ".join(DEFENSES))
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--replot", default=None, metavar="JSON", help="only redraw the plot of an earlier result file")
     args = p.parse_args(argv)
     _common.setup(args)
+    if args.replot:
+        src = Path(args.replot)
+        plot(json.loads(src.read_text()), src.with_suffix(".png"))
+        print(f"wrote {src.with_suffix('.png')}")
+        return 0
 
     import robustkit
     from robustkit.data import digits, to_tensors
     from robustkit.data.npz import load_npz
-    from robustkit.eval.report import save_figure
     from robustkit.eval.robust import evaluate_defenses
     from robustkit.registry import parse_number
     from robustkit.training import TRADESStep, fit
@@ -231,29 +272,7 @@ def main(argv=None) -> int:
                              "autoattack_budget": aa_budget or "published", "quick": args.quick, "noise": NOISE, "bilateral": BILATERAL, "rows": rows,
                              "evaluation_rows": all_rows, "verdicts": verdicts, "paper_cifar10": PAPER})
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(trainings), figsize=(7 * len(trainings), 3.8), squeeze=False)
-    for ax, training in zip(axes[0], trainings):
-        sub = [r for r in rows if r["training"] == training]
-        keys = [("clean", "clean"), ("pgd_linf", "PGD-Linf"), ("eot_pgd_linf", "EOT-PGD-Linf"), ("worst_linf", "worst Linf"),
-                ("worst_l2", "worst L2")]
-        keys = [(k, lab) for k, lab in keys if all(r[k] is not None for r in sub)]
-        w = 0.8 / len(keys)
-        for j, (k, lab) in enumerate(keys):
-            ax.bar([i + (j - (len(keys) - 1) / 2) * w for i in range(len(sub))], [100 * r[k] for r in sub], w, label=lab,
-                   yerr=[100 * r["se"][k] for r in sub], capsize=2, error_kw={"lw": 0.6})
-        ax.set_xticks(range(len(sub)))
-        ax.set_xticklabels([r["defense"] for r in sub], fontsize=8)
-        ax.set_ylabel("accuracy (%)")
-        ax.set_ylim(0, 105)
-        ax.set_title(f"{data_name}, {args.model} w{args.width}, {training} training, Linf {args.eps} / L2 {args.l2_eps}, "
-                     f"n={n_test} (bars: 1 SE)", fontsize=8)
-        ax.legend(fontsize=7)
-    save_figure(fig, out.with_suffix(".png"))
+    plot(json.loads(out.read_text()), out.with_suffix(".png"))
     print(f"wrote {out.with_suffix('.png')}")
     return 0
 
