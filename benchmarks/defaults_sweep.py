@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -219,7 +220,7 @@ def main(argv=None) -> int:
     _common.print_table([{"setting": r["label"], "clean": r["clean"], **{f"eot_pgd_{e}": r["robust"][e] for e in radii},
                           "pareto": r.get("pareto", "-"), "score": r.get("score", "-")} for r in rows])
     out = Path(args.out)
-    _common.write_json(out, {"data": data_name, "n_train": len(data.train), "n_clean": n_clean, "n_attack": n_attack,
+    _common.write_json(out, {"load_average": os.getloadavg(), "data": data_name, "n_train": len(data.train), "n_clean": n_clean, "n_attack": n_attack,
                              "model": args.model, "width": args.width, "epochs": epochs, "lr": args.lr,
                              "training": "standard (cross-entropy on preprocessed images)", "radii": radii,
                              "attack": {"name": "pgd", "norm": "linf", "steps": args.steps, "eot_samples": args.eot,

@@ -23,6 +23,7 @@ batch of each training step and prints the projected training cost. The same scr
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -63,6 +64,9 @@ def main(argv=None) -> int:
     p.add_argument("--trades-steps", type=int, default=3)
     p.add_argument("--trades-eot", type=int, default=1, help="EOT passes of the TRADES attack (randomized defense)")
     p.add_argument("--trades-eps", default="8/255")
+    p.add_argument("--trades-alpha", type=float, default=None,
+                   help="TRADES attack step (default: TRADESStep's 0.007 at 8/255; with few steps raise it, e.g. "
+                        "2.5 * eps / steps, or the attack never reaches the ball's edge)")
     p.add_argument("--beta", type=float, default=6.0)
     p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate of the fine-tuning, cosine (default 0.01)")
     p.add_argument("--batch-size", type=int, default=64)
@@ -120,7 +124,8 @@ def main(argv=None) -> int:
         return torch.nn.Sequential(*[build_preprocessor(s) for s in specs]).to(device)
 
     def trades_step() -> TRADESStep:
-        return TRADESStep(eps=parse_number(args.trades_eps), steps=args.trades_steps, beta=args.beta, preprocess=pre(),
+        return TRADESStep(eps=parse_number(args.trades_eps), steps=args.trades_steps, alpha=args.trades_alpha,
+                          beta=args.beta, preprocess=pre(),
                           eot_samples=args.trades_eot)
 
     # time one batch of each training step (the cost of the run is projected from it)
@@ -179,12 +184,12 @@ def main(argv=None) -> int:
     _common.print_table([{"row": r["row"], "clean": r["clean"], **{f"eot_pgd_{e}": r["robust"][e] for e in radii},
                           "train_s": r["train_s"]} for r in rows])
     _common.write_json(out, {
-        "data": data_name, "checkpoint": str(checkpoint), "model": "resnet18_cifar", "preprocessing": specs,
+        "load_average": os.getloadavg(), "data": data_name, "checkpoint": str(checkpoint), "model": "resnet18_cifar", "preprocessing": specs,
         "n_clean": n_clean, "n_attack": n_attack, "radii": radii,
         "attack": {"name": "pgd", "norm": "linf", "steps": args.steps, "eot_samples": args.eot, "draws": 1},
         "standard": {"n_train": args.std_n_train, "epochs": args.std_epochs, "lr": args.lr, "batch_size": args.batch_size},
         "trades": {"n_train": args.trades_n_train, "epochs": args.trades_epochs, "steps": args.trades_steps,
-                   "eot_samples": args.trades_eot, "eps": args.trades_eps, "beta": args.beta, "lr": args.lr},
+                   "eot_samples": args.trades_eot, "eps": args.trades_eps, "alpha": args.trades_alpha, "beta": args.beta, "lr": args.lr},
         "seconds_per_image": timing, "rows": rows, "quick": args.quick})
 
     import matplotlib

@@ -25,7 +25,7 @@ error). The verdict says "supralinear" only when the margin exceeds 2 standard e
         --epochs 15 --n-test 512 --autoattack                       # CIFAR-10 subset (hours on 2 cores)
     # the CPU-sized run of docs/supralinear.md (about 40 CPU-minutes on one core):
     python benchmarks/supralinear.py --data ../shared/data/cifar10_subset.npz --threads 1 --width 16 \\
-        --epochs 6 --training standard,trades --trades-init standard --trades-epochs 1 --trades-steps 3 \\
+        --epochs 5 --training standard,trades --trades-init standard --trades-epochs 1 --trades-steps 3 \\
         --trades-eot 1 --n-test 200 --draws 1 --pgd-steps 20 --eot-steps 10 --eot 4 \\
         --autoattack --aa-n-iter 10 --aa-eot-iter 4
 """
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -131,6 +132,9 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate, cosine schedule (default 0.05)")
     p.add_argument("--trades-steps", type=int, default=10)
     p.add_argument("--trades-eot", type=int, default=2, help="EOT passes of the TRADES attack for randomized defenses")
+    p.add_argument("--trades-alpha", type=float, default=None,
+                   help="TRADES attack step (default: TRADESStep's 0.007 at 8/255; with few steps raise it, e.g. "
+                        "2.5 * eps / steps, or the attack never reaches the ball's edge)")
     p.add_argument("--trades-epochs", type=int, default=None, help="TRADES epochs (default: --epochs)")
     p.add_argument("--trades-lr", type=float, default=None, help="TRADES learning rate (default: --lr)")
     p.add_argument("--trades-init", default="scratch", choices=("scratch", "standard"),
@@ -210,7 +214,8 @@ def main(argv=None) -> int:
             pre = torch.nn.Sequential(*[build_preprocessor(s) for s in specs]).to(device)
             pre_or_none = pre if len(pre) else None
             step = (PlainStep(preprocess=pre_or_none) if training == "standard" else
-                    TRADESStep(eps=eps, steps=args.trades_steps, preprocess=pre_or_none, eot_samples=args.trades_eot))
+                    TRADESStep(eps=eps, steps=args.trades_steps, alpha=args.trades_alpha, preprocess=pre_or_none,
+                               eot_samples=args.trades_eot))
             if training == "trades" and args.trades_init == "standard":
                 model.load_state_dict(standard_states[name])
             t0 = time.perf_counter()
@@ -264,11 +269,11 @@ def main(argv=None) -> int:
     _common.print_table([{k: v for k, v in r.items() if v is not None and k not in ("se", "notes")} for r in rows])
 
     out = Path(args.out)
-    _common.write_json(out, {"data": data_name, "n_train": len(train), "n_test": n_test, "epochs": epochs,
+    _common.write_json(out, {"load_average": os.getloadavg(), "data": data_name, "n_train": len(train), "n_test": n_test, "epochs": epochs,
                              "model": args.model, "width": args.width, "eps_linf": args.eps, "eps_l2": args.l2_eps,
                              "eot_samples": eot, "pgd_steps": args.pgd_steps, "eot_steps": eot_steps, "draws": args.draws,
                              "trades": {"init": args.trades_init, "epochs": trades_epochs, "lr": trades_lr,
-                                        "steps": args.trades_steps, "eot_samples": args.trades_eot, "beta": 6.0},
+                                        "steps": args.trades_steps, "alpha": args.trades_alpha, "eot_samples": args.trades_eot, "beta": 6.0},
                              "autoattack_budget": aa_budget or "published", "quick": args.quick, "noise": NOISE, "bilateral": BILATERAL, "rows": rows,
                              "evaluation_rows": all_rows, "verdicts": verdicts, "paper_cifar10": PAPER})
 
