@@ -224,7 +224,8 @@ def test_fused_path_equals_torch_path(dtype, rtol, atol, distance, window):
     large enough to run on several threads."""
     g = torch.Generator().manual_seed(11)
     cases = [((2, 3, 17, 23), 5), ((3, 1, 9, 12), 7), ((2, 2, 8, 6), 3), ((1, 4, 5, 5), 5),
-             ((2, 3, 3, 4), 9), ((1, 3, 1, 1), 5), ((2, 3, 6, 7), 1), ((16, 3, 20, 20), 5), ((1, 3, 40, 64), 9)]
+             ((2, 3, 3, 4), 9), ((1, 3, 1, 1), 5), ((2, 3, 6, 7), 1), ((16, 3, 20, 20), 5), ((1, 3, 40, 64), 9),
+             ((2, 3, 10, 9), 3)]  # k = 3: 2 (circle) or 4 (square) pairs of taps, the last pass of 1-2 pairs
     for shape, k in cases:
         x = torch.rand(shape, generator=g, dtype=dtype)
         up = torch.randn(shape, generator=g, dtype=dtype)
@@ -236,6 +237,40 @@ def test_fused_path_equals_torch_path(dtype, rtol, atol, distance, window):
             assert out_n.dtype == dtype and g_n.dtype == dtype
             assert _close(out_n, out_t, rtol, atol), (shape, k, float((out_n - out_t).abs().max()))
             assert _close(g_n, g_t, rtol, atol), (shape, k, float((g_n - g_t).abs().max()))
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_path_propagates_nan_and_inf_like_torch_path(dtype):
+    """Non-finite pixels: a NaN or an infinite neighbour has weight 0 (exp(-inf)), and 0 * inf
+    is NaN, as on the PyTorch path; an infinite centre stays infinite. Same pattern on both
+    paths, same values elsewhere."""
+    g = torch.Generator().manual_seed(14)
+    x = torch.rand(2, 3, 9, 11, generator=g, dtype=dtype)
+    x[0, 1, 4, 5] = float("inf")
+    x[1, 0, 0, 0] = float("nan")
+    x[1, 2, 8, 10] = -float("inf")
+    for window, distance in (("circle", "l1"), ("square", "l2")):
+        a = bilateral_filter(x, 5, 0.1, 1.5, distance, window, backend="numba")
+        b = bilateral_filter(x, 5, 0.1, 1.5, distance, window, backend="torch")
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf())
+        assert a.isnan().any() and torch.equal(a[a.isinf()], b[b.isinf()])
+        fin = a.isfinite()
+        assert torch.allclose(a[fin], b[fin], atol=1e-6)
+
+
+@needs_numba
+def test_fused_forward_without_grad_keeps_no_backward_state():
+    """Under no_grad (or for an input without grad) the forward writes no 1/D for the backward,
+    and gives the same output as with it."""
+    from robustkit.preprocessing.kernels import bilateral_numba
+
+    x = torch.rand(3, 3, 12, 10, generator=torch.Generator().manual_seed(15))
+    out_s, inv_den = bilateral_numba.bilateral_forward_numba(x, 5, 0.1, 1.5, "l1", "circle", save=True)
+    out_n, none = bilateral_numba.bilateral_forward_numba(x, 5, 0.1, 1.5, "l1", "circle", save=False)
+    assert none is None and inv_den.shape == (3, 1, 12, 10) and torch.equal(out_s, out_n)
+    with torch.no_grad():
+        assert torch.equal(bilateral_filter(x.requires_grad_(), 5, 0.1, 1.5, backend="numba"), out_s)
 
 
 @needs_numba

@@ -63,10 +63,10 @@ except Exception as exc:  # ImportError, or an llvmlite that fails to load
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-# 2^f on [-1/2, 1/2]: degree-6 Chebyshev interpolant in the power basis (relative error 2.5e-9
-# in exact arithmetic, ~1e-7 evaluated in float32).
-EXP2_POLY = (1.0, 0.6931472067028329, 0.24022650922289554, 0.05550327226669895,
-             0.00961805667843204, 0.0013400428177711937, 0.00015461444724808513)
+# 2^f on [-1/2, 1/2]: degree-5 Chebyshev interpolant in the power basis (relative error 1.0e-7
+# in exact arithmetic, 2.4e-7 evaluated in float32: two float32 ulps).
+EXP2_POLY = (1.0000000754548972, 0.6931471880262324, 0.24022107485308009, 0.05550357114213535,
+             0.00967603191832621, 0.0013390863366433998)
 # float32 weights 2^t with t below this are flushed to zero (see the module docstring): the
 # kernels never make denormal weights, whose arithmetic is several times slower on x86.
 EXP2_FLUSH32 = -64.0
@@ -134,17 +134,17 @@ if numba is not None:
         """``2^t``, flushed to 0 below ``t = lo``: float32 as polynomial x exponent bits
         (vectorizes), float64 via libm. A NaN ``t`` gives NaN."""
         if t == _t.float32:
-            c0, c1, c2, c3, c4, c5, c6 = (np.float32(v) for v in EXP2_POLY)
+            c0, c1, c2, c3, c4, c5 = (np.float32(v) for v in EXP2_POLY)
             mant = np.float32(8388608.0)  # 2^23
             bias = np.float32(1065353216.0)  # 127 * 2^23, the bits of 1.0
             zero = np.float32(0.0)
 
             def impl32(t, lo):
-                v = max(t, lo)  # keeps the exponent bits in range
-                k = np.rint(v)
-                f = v - k  # in [-1/2, 1/2]
-                p = c6 * f + c5
-                p = p * f + c4
+                # lo >= -126 (kernels: EXP2_FLUSH32): below it the bits are out of range, but the
+                # result is then discarded for 0
+                k = np.rint(t)
+                f = t - k  # in [-1/2, 1/2]
+                p = c5 * f + c4
                 p = p * f + c3
                 p = p * f + c2
                 p = p * f + c1
