@@ -75,7 +75,10 @@ def main(argv=None) -> int:
     p.add_argument("--eps", default="2/255,8/255", help="comma-separated Linf radii of the EOT-PGD rows")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--eot", type=int, default=2)
-    p.add_argument("--skip", default="", help="comma-separated rows to skip: standard, trades")
+    p.add_argument("--autoattack", action="store_true", help="also AutoAttack version='rand' at the largest radius")
+    p.add_argument("--aa-n-iter", type=int, default=None, help="AutoAttack APGD iterations (default: published 100)")
+    p.add_argument("--aa-eot-iter", type=int, default=None, help="AutoAttack rand EOT draws (default: published 20)")
+    p.add_argument("--skip", default="", help="comma-separated rows to skip: pretrained, standard, trades")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -112,6 +115,10 @@ def main(argv=None) -> int:
     xa, ya = xc[:n_attack], yc[:n_attack]
     attacks = [{"name": "pgd", "norm": "linf", "eps": parse_number(e), "steps": args.steps, "eot_samples": args.eot,
                 "label": f"EOT-PGD {e}"} for e in radii]
+    aa_budget = {k: v for k, v in (("n_iter", args.aa_n_iter), ("eot_iter", args.aa_eot_iter)) if v is not None}
+    if args.autoattack:
+        attacks.append({"name": "autoattack", "norm": "linf", "eps": parse_number(radii[-1]), "version": "rand",
+                        **aa_budget, "label": f"AutoAttack-rand {radii[-1]}"})
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     perm = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(args.seed)).tolist()
 
@@ -148,18 +155,24 @@ def main(argv=None) -> int:
         rob = evaluate_defenses(model, xa, ya, defenses=[{"label": label, "preprocessors": defense}], attacks=attacks,
                                 draws=1, checks=False, progress=False, seed=args.seed)
         acc = {r["attack"]: r["accuracy"] for r in rob.rows}
+        worst = {f"{r['norm']} {r['eps']:.4f}": r["accuracy"] for r in rob.rows if r.get("kind") == "worst_case"}
         row = {"row": label, "clean": clean.rows[0]["accuracy"], "clean_se": _se(clean.rows[0]["accuracy"], n_clean),
                "clean_on_attacked": acc["clean"], "robust": {e: acc[f"EOT-PGD {e}"] for e in radii},
                "robust_se": {e: _se(acc[f"EOT-PGD {e}"], n_attack) for e in radii},
+               "autoattack_rand": acc.get(f"AutoAttack-rand {radii[-1]}"), "worst_case": worst,
                "notes": list(rob.notes), "eval_s": time.perf_counter() - t0}
         print(f"{label:34} clean {100 * row['clean']:5.1f}  " + "  ".join(
-            f"EOT-PGD {e} {100 * row['robust'][e]:5.1f}" for e in radii) + f"  ({row['eval_s']:.0f} s eval)", flush=True)
+            f"EOT-PGD {e} {100 * row['robust'][e]:5.1f}" for e in radii)
+            + (f"  AA-rand {100 * row['autoattack_rand']:5.1f}" if row["autoattack_rand"] is not None else "")
+            + "".join(f"  worst {k} {100 * v:5.1f}" for k, v in worst.items())
+            + f"  ({row['eval_s']:.0f} s eval)", flush=True)
         return row
 
     rows = []
-    base = pretrained()
-    rows.append({**evaluate(base, "pretrained, no defense", []), "train_s": 0.0})
-    rows.append({**evaluate(base, "pretrained + defense (before)", specs), "train_s": 0.0})
+    if "pretrained" not in skip:
+        base = pretrained()
+        rows.append({**evaluate(base, "pretrained, no defense", []), "train_s": 0.0})
+        rows.append({**evaluate(base, "pretrained + defense (before)", specs), "train_s": 0.0})
     out = Path(args.out)
     _common.write_json(out.with_suffix(".partial.json"), {"rows": rows})
     for kind in ("standard", "trades"):
@@ -170,6 +183,7 @@ def main(argv=None) -> int:
         epochs = args.std_epochs if kind == "standard" else args.trades_epochs
         subset = torch.utils.data.Subset(data.train, perm[:n])
         step = PlainStep(preprocess=pre()) if kind == "standard" else trades_step()
+        torch.manual_seed(args.seed)  # the noise layer draws from the global generator
         t0 = time.perf_counter()
         hist = fit(model, subset, step, epochs=epochs, lr=args.lr, batch_size=args.batch_size, progress=False,
                    seed=args.seed)
@@ -187,6 +201,7 @@ def main(argv=None) -> int:
         "load_average": os.getloadavg(), "data": data_name, "checkpoint": str(checkpoint), "model": "resnet18_cifar", "preprocessing": specs,
         "n_clean": n_clean, "n_attack": n_attack, "radii": radii,
         "attack": {"name": "pgd", "norm": "linf", "steps": args.steps, "eot_samples": args.eot, "draws": 1},
+        "autoattack": ({"version": "rand", "eps": radii[-1], **aa_budget} if args.autoattack else None),
         "standard": {"n_train": args.std_n_train, "epochs": args.std_epochs, "lr": args.lr, "batch_size": args.batch_size},
         "trades": {"n_train": args.trades_n_train, "epochs": args.trades_epochs, "steps": args.trades_steps,
                    "eot_samples": args.trades_eot, "eps": args.trades_eps, "alpha": args.trades_alpha, "beta": args.beta, "lr": args.lr},
