@@ -106,6 +106,9 @@ class IBAUStep(TrainStep):
         self.steps_per_round, self.fixed_point_iters, self.eta = int(steps_per_round), int(fixed_point_iters), float(eta)
         self.delta: torch.Tensor | None = None
         self.deltas: list[torch.Tensor] = []
+        #: per outer step: ``|v_K| / |grad_delta L_out|`` - about ``K + 1`` when the fixed-point map's Jacobian
+        #: has spectral radius ~1 (the Neumann series does not converge), far more when it is > 1
+        self.neumann_growth: list[float] = []
         self._count = 0
         self._params: list[nn.Parameter] = []
 
@@ -134,6 +137,7 @@ class IBAUStep(TrainStep):
         for _ in range(self.fixed_point_iters):
             (jv,) = torch.autograd.grad(phi, d, grad_outputs=v, retain_graph=True)
             v = jv + g_delta
+        self.neumann_growth.append(float(v.norm() / g_delta.norm().clamp_min(1e-12)))
         indirect = torch.autograd.grad(phi, params, grad_outputs=v, allow_unused=True)
         for p, a, b in zip(params, g_theta, indirect):
             g = torch.zeros_like(p) if a is None else a.detach()
@@ -162,6 +166,8 @@ class IBAUDetails(ResultDetails):
     holdout_acc_after: float | None = None
     max_acc_drop: float | None = None
     collapsed: bool = False
+    #: the largest ``|v_K| / |grad_delta L_out|`` over the outer steps (see :class:`IBAUStep`)
+    neumann_growth_max: float | None = None
 
 
 @REPAIRS.register("i_bau")
@@ -220,7 +226,8 @@ class IBAU(ModelRepair):
                       seed=self.seed, progress=progress, desc="I-BAU")
         check = check_collapse("IBAU", acc_before, net, split.holdout, self.max_acc_drop)
         details = IBAUDetails(self.rounds, self.eps, len(split.train), [float(d.norm()) for d in step.deltas],
-                              check.samples, check.acc_before, check.acc_after, self.max_acc_drop, check.collapsed)
+                              check.samples, check.acc_before, check.acc_after, self.max_acc_drop, check.collapsed,
+                              max(step.neumann_growth, default=None))
         return RepairResult(net, history, details, collapsed=check.collapsed)
 
     def __repr__(self) -> str:
