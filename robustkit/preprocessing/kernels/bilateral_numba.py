@@ -140,16 +140,16 @@ if numba is not None:
             zero = np.float32(0.0)
 
             def impl32(t, lo):
-                # lo >= -126 (kernels: EXP2_FLUSH32): below it the bits are out of range, but the
-                # result is then discarded for 0
-                k = np.rint(t)
-                f = t - k  # in [-1/2, 1/2]
+                # lo >= -126 (kernels: EXP2_FLUSH32): 2^k is a normal number; below lo the value
+                # is discarded for 0. f from the unclamped t, so a NaN t gives NaN.
+                k = np.rint(max(lo, t))  # max(lo, NaN) is lo: the conversion is always defined
+                f = t - k  # in [-1/2, 1/2] where t >= lo
                 p = c5 * f + c4
                 p = p * f + c3
                 p = p * f + c2
                 p = p * f + c1
                 p = p * f + c0
-                w = p * _f32_from_bits(np.int32(k * mant + bias))  # p * 2^k (exact in float32)
+                w = p * _f32_from_bits(np.int32(k * mant + bias))  # p * 2^k, exact
                 return zero if t < lo else w
 
             return impl32
