@@ -162,6 +162,77 @@ def worker(method: str, shape, k: int, mode: str, device: str, repeats: int, bud
     return res
 
 
+# ---------------------------------------------------------------------------- paired
+def paired_worker(shape, k: int, threads: int, rounds: int) -> dict:
+    """Our circle forward and the OpenCV loop alternated call by call in one process.
+
+    Both sides get the same input (float32 in [0, 1]; OpenCV as HWC images, converted outside
+    the timing, sigma_color in data units) and the same thread count (``torch`` and
+    ``cv2.setNumThreads``). Per call: wall time and process CPU time (all threads). A shared
+    machine's load hits both sides of a round alike, so the per-round ratio is the figure.
+    """
+    import numpy as np
+    import torch
+
+    import cv2
+    from robustkit.preprocessing.kernels import bilateral_filter
+
+    torch.set_num_threads(threads)
+    cv2.setNumThreads(threads)
+    torch.manual_seed(0)
+    x = torch.rand(*shape)
+    xn = x.permute(0, 2, 3, 1).contiguous().numpy()
+    out = np.empty_like(xn)
+
+    def ours():
+        with torch.no_grad():
+            return bilateral_filter(x, k, SIGMA_COLOR, SIGMA_SPACE, "l1", "circle", backend="numba")
+
+    def opencv():
+        for i in range(xn.shape[0]):
+            out[i] = cv2.bilateralFilter(xn[i], k, SIGMA_COLOR, SIGMA_SPACE)
+        return out
+
+    diff = float((ours() - torch.from_numpy(opencv()).permute(0, 3, 1, 2)).abs().max())  # also the warm-up
+    times = {"ours": ([], []), "opencv": ([], [])}
+    load_start = _loadavg()
+    for rnd in range(rounds):
+        for name, fn in (("ours", ours), ("opencv", opencv)) if rnd % 2 == 0 else (("opencv", opencv), ("ours", ours)):
+            c0, t0 = time.process_time(), time.perf_counter()
+            fn()
+            times[name][0].append(time.perf_counter() - t0)
+            times[name][1].append(time.process_time() - c0)
+    (ow, oc), (cw, cc) = times["ours"], times["opencv"]
+    ratios = [b / a for a, b in zip(ow, cw)]
+    cpu_ratios = [b / a for a, b in zip(oc, cc) if a > 0]
+    ms = lambda v: round(statistics.median(v) * 1e3, 3)
+    return {
+        "shape": "x".join(map(str, shape)), "k": k, "threads": threads, "rounds": rounds, "max_abs_diff_vs_opencv": diff,
+        "ours_wall_ms": ms(ow), "opencv_wall_ms": ms(cw), "ours_wall_min_ms": round(min(ow) * 1e3, 3),
+        "opencv_wall_min_ms": round(min(cw) * 1e3, 3),
+        "speedup_wall": statistics.median(ratios), "speedup_wall_quartiles": [round(q, 3) for q in _quartiles(ratios)],
+        "ours_cpu_ms": ms(oc), "opencv_cpu_ms": ms(cc), "ours_cpu_min_ms": round(min(oc) * 1e3, 3),
+        "opencv_cpu_min_ms": round(min(cc) * 1e3, 3),
+        "speedup_cpu": statistics.median(cpu_ratios) if cpu_ratios else None,
+        "speedup_cpu_of_mins": min(cc) / min(oc) if min(oc) > 0 else None,
+        "load_average_start": load_start, "load_average_end": _loadavg(),
+    }
+
+
+def _quartiles(v):
+    q = statistics.quantiles(v, n=4) if len(v) > 1 else [v[0]] * 3
+    return [q[0], q[2]]
+
+
+def run_paired(shape, k, threads, rounds) -> dict:
+    cmd = [sys.executable, __file__, "--paired-worker", json.dumps([list(shape), k, threads, rounds])]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["failed"]}
+    return json.loads(lines[-1][len("RESULT "):])
+
+
 # ---------------------------------------------------------------------------- driver
 def run_case(method, shape, k, mode, device, repeats, budget_s) -> dict:
     if device == "cuda":  # CUDA peak memory is per-allocation: measure in-process
@@ -223,11 +294,20 @@ def main(argv=None) -> int:
                         "(and kornia's) OpenMP threads otherwise spin while their partner is descheduled")
     p.add_argument("--numba-cpu", default=None,
                    help="compile the fused kernel for this CPU (NUMBA_CPU_NAME), e.g. 'haswell' for AVX2 without AVX-512")
+    p.add_argument("--paired-rounds", type=int, default=None,
+                   help="CPU forward vs the OpenCV loop alternated in one process, this many rounds, with "
+                        "--threads threads and with 1 (default 40, --quick 10; 0: skip)")
+    p.add_argument("--paired-only", action="store_true", help="only the paired OpenCV comparison (no per-process table)")
     p.add_argument("--worker", help=argparse_suppress())
+    p.add_argument("--paired-worker", help=argparse_suppress())
     args = p.parse_args(argv)
     if args.worker:
         method, shape, k, mode, device, repeats, budget = json.loads(args.worker)
         print("RESULT " + json.dumps(worker(method, tuple(shape), k, mode, device, repeats, budget)))
+        return 0
+    if args.paired_worker:
+        shape, k, threads, rounds = json.loads(args.paired_worker)
+        print("RESULT " + json.dumps(paired_worker(tuple(shape), k, threads, rounds)))
         return 0
 
     os.environ["BENCH_THREADS"] = str(args.threads)  # read by the workers
@@ -251,7 +331,7 @@ def main(argv=None) -> int:
     budget = 1.0 if args.quick else 8.0
     rows = []
     load_start = _loadavg()
-    for device in devices:
+    for device in devices if not args.paired_only else []:
         cases = CPU_CASES if device == "cpu" else GPU_CASES
         methods_for = CPU_METHODS if device == "cpu" else GPU_METHODS
         if device == "cpu" and args.torch_path:
@@ -286,13 +366,27 @@ def main(argv=None) -> int:
                             row["kernel_x_over_bound"] = r["kernel_ms"] * 1e3 / bound
                     rows.append(row)
                     print(_fmt_row(row), flush=True)
+    paired = []
+    paired_rounds = args.paired_rounds if args.paired_rounds is not None else (10 if args.quick else 40)
+    if "cpu" in devices and paired_rounds > 0 and args.mode in (None, "fwd"):
+        print(f"\nCPU forward, circle, alternated with the OpenCV loop in one process ({paired_rounds} rounds):")
+        for name, shape, k in CPU_CASES:
+            if args.case and name != args.case:
+                continue
+            for threads in sorted({args.threads, 1}, reverse=True):
+                r = {"case": name, **run_paired(shape, k, threads, paired_rounds)}
+                paired.append(r)
+                print(_fmt_paired(r), flush=True)
     meta = {
-        "threads": args.threads, "quick": args.quick, "rounds": rounds, "repeats": repeats,
+        "threads": args.threads, "quick": args.quick, "rounds": rounds, "repeats": repeats, "paired_rounds": paired_rounds,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "load_average_start": load_start, "load_average_end": _loadavg(),
         "sigma_color": SIGMA_COLOR, "sigma_space": SIGMA_SPACE, **_numba_info(),
         "note": ("median_ms: median over rounds of each round's median call; ours_speedup: median over rounds of "
                  "(peer time / time of our method named in 'vs', same round, same window); ours_mem_ratio likewise "
-                 "for peak memory. robustkit-* on CPU = fused Numba kernel, robustkit-torch-* = PyTorch tap loop."),
+                 "for peak memory. robustkit-* on CPU = fused Numba kernel, robustkit-torch-* = PyTorch tap loop. "
+                 "paired: our circle forward and the OpenCV loop alternated call by call in one process; "
+                 "speedup_wall / speedup_cpu: median over rounds of (OpenCV time / ours) in wall time / process "
+                 "CPU time (all threads); speedup_cpu_of_mins: fastest OpenCV call / our fastest."),
     }
     print()
     print_table([{"case": r["case"], "mode": r["mode"], "method": r["method"], "median_ms": r.get("median_ms"),
@@ -301,7 +395,7 @@ def main(argv=None) -> int:
     info = machine_info()
     print(f"\nCPU: {info['cpu_model']} ({', '.join(info['instruction_sets'])}), {args.threads} threads; "
           f"fused kernel compiled for {meta.get('numba_cpu_name')}")
-    write_json(args.out, {"meta": meta, "rows": rows})
+    write_json(args.out, {"meta": meta, "machine": info, "rows": rows, "paired_vs_opencv": paired})
     return 0
 
 
@@ -331,6 +425,16 @@ def _numba_info() -> dict:
 
 HEADER = (f"{'device':6} {'case':9} {'mode':8} {'method':22} {'median ms':>10} {'img/s':>10} {'peak MiB':>9} "
           f"{'x ours':>7} {'mem x':>6}  (x ours / mem x: peer time / memory over ours, same window)")
+
+
+def _fmt_paired(r: dict) -> str:
+    if "error" in r:
+        return f"  {r['case']}: {r['error']}"
+    return (f"  {r['case']:9} {r['shape']:>13} k={r['k']} threads={r['threads']}: ours {r['ours_wall_ms']:.2f} ms, "
+            f"OpenCV {r['opencv_wall_ms']:.2f} ms wall, x{r['speedup_wall']:.2f} "
+            f"(quartiles {r['speedup_wall_quartiles'][0]:.2f}-{r['speedup_wall_quartiles'][1]:.2f}); CPU time ours "
+            f"{r['ours_cpu_ms']:.2f} ms, OpenCV {r['opencv_cpu_ms']:.2f} ms, x{r['speedup_cpu']:.2f} "
+            f"(fastest calls x{r['speedup_cpu_of_mins']:.2f}); load {r['load_average_start'][0]:.1f}-{r['load_average_end'][0]:.1f}")
 
 
 def _fmt_row(r: dict) -> str:
