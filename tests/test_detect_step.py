@@ -48,6 +48,10 @@ def test_bundled_detect_configs_validate():
         cfg = load_config(CONFIGS / name)
         validate_config(cfg)
         assert any("detect" in s for s in cfg["steps"])
+    for name in ("fine_pruning", "nad", "neural_cleanse", "anp", "ibau"):  # the baselines' repair configs
+        cfg = load_config(CONFIGS / f"repair_{name}.yaml")
+        validate_config(cfg)
+        assert any("repair" in s for s in cfg["steps"])
 
 
 def test_detect_step_refuses_bad_specs(tmp_path):
