@@ -27,8 +27,19 @@ Defaults follow the paper's CIFAR-10 setting where it transfers: 5 rounds, ``fix
 32 (the paper's 100 is larger than 5% of a small data set). ``eps`` is an L2 radius in [0, 1]
 pixel units (default 2.5, about the paper's bound of 10 in normalized CIFAR-10 units).
 
-Simplifications: the inner maximization uses normalized-gradient ascent (the paper's code uses
-an Adam optimizer on ``delta``); ``eta`` (the fixed-point map's step) is a parameter (default 0.1).
+Simplifications: the inner maximization uses normalized-gradient ascent within the L2 ball (the
+reference code runs SGD with lr 10 on the regularized objective ``CE - 0.001 |delta|^2``, without a
+ball); ``eta`` (the fixed-point map's step) is a parameter (default 0.1); the fixed-point iteration
+starts from ``v = grad_delta L_out`` (the reference code starts from 0, one term fewer); every
+image of a batch gets ``delta`` in the outer loss (the paper's objective; the reference code
+perturbs 1% of each batch).
+
+Known limitation (docs/baselines.md): the implicit gradient assumes ``delta`` is a stationary point
+of the inner problem and ``sum_k (dPhi/ddelta)^k`` converges. On small victims with few clean
+images the bounded perturbation saturates the loss on the ball's boundary, the Jacobian's spectral
+radius is >= 1, ``|v|`` grows with every iteration, and the unlearning swings from round to round.
+:class:`IBAUDetails` records ``neumann_growth_max`` (``|v_K| / |grad_delta L_out|``; about ``K + 1``
+or more when the series does not converge).
 """
 
 from __future__ import annotations
