@@ -59,3 +59,40 @@ def test_pareto_front_and_one_factor_settings():
     # sigma 0 drops the noise (a bilateral-only defense); otherwise noise comes first, as in the paper
     assert [s["name"] for s in sweep.preprocessors({**base, "sigma": 0.0})] == ["bilateral"]
     assert [s["name"] for s in sweep.preprocessors(base)] == ["gaussian_noise", "bilateral"]
+
+
+def test_paired_bootstrap_two_images_by_hand():
+    supra = _load("supralinear")
+    # per-image margins m = both - a - b + none = [1, 0]: the resampled mean is 1, 0.5 or 0 with
+    # probabilities 1/4, 1/2, 1/4, so its SD is sqrt(1/8) = 0.354 (= population sd 0.5 / sqrt(2))
+    res = supra.paired_bootstrap([0, 0], [0, 0], [0, 0], [1, 0], reps=20000, seed=1)
+    assert res["margin"] == pytest.approx(0.5)
+    assert res["se_formula"] == pytest.approx(math.sqrt(1 / 8))
+    assert res["se"] == pytest.approx(math.sqrt(1 / 8), rel=0.03)
+    assert res["ci95"] == [0.0, 1.0]
+    assert res["verdict"] == "additive within error"
+
+
+def test_paired_bootstrap_keeps_the_pairing():
+    supra = _load("supralinear")
+    flags = [1, 0] * 50  # the same images robust behind all four defenses: every per-image margin is 0
+    res = supra.paired_bootstrap(flags, flags, flags, flags, reps=200)
+    assert res["margin"] == 0.0 and res["se"] == 0.0 and res["se_formula"] == 0.0
+    # the independent-samples error of the same accuracies is not zero: the pairing is what removes it
+    assert supra.supralinearity(0.5, 0.5, 0.5, 0.5, 100)[1] == pytest.approx(math.sqrt(4 * 0.25 / 100))
+    # the margin equals the margin of the mean accuracies; a clear per-image gain is supralinear
+    none, a, b = [0] * 100, [1] * 10 + [0] * 90, [0] * 90 + [1] * 10
+    both = [1] * 60 + [0] * 40
+    res = supra.paired_bootstrap(none, a, b, both, reps=500)
+    assert res["margin"] == pytest.approx(supra.supralinearity(0.0, 0.1, 0.1, 0.6, 100)[0])
+    assert res["verdict"] == "supralinear"
+
+
+def test_paired_bootstrap_rejects_bad_input():
+    supra = _load("supralinear")
+    with pytest.raises(ValueError):
+        supra.paired_bootstrap([0, 1], [0, 1], [0, 1], [0])  # unequal lengths
+    with pytest.raises(ValueError):
+        supra.paired_bootstrap([0, 2], [0, 1], [0, 1], [0, 1])  # not a flag / fraction
+    with pytest.raises(ValueError):
+        supra.paired_bootstrap([], [], [], [])
