@@ -14,17 +14,22 @@ contiguous segment (the padding columns inside it are computed and discarded), s
 loop runs over a long unit-stride segment that LLVM vectorizes (AVX2/AVX-512/NEON: whatever
 the host has). Taps come in pairs ``{+o, -o}`` with the same weight (``w_pq = w_qp``): one
 loop computes the pair weights ``w(p, p + o)`` over the segment (colour distance over the
-channels, spatial term, ``2^t``), a second adds both taps to the numerator and denominator
-rows. Everything a tap touches is a row buffer that stays in L1/L2: one pass over the window
+channels, spatial term, ``2^t``), and accumulation loops add both taps to the numerator and
+denominator rows (for 3 channels three pairs per pass, the first pass starting from the centre
+tap). Everything a tap touches is a row buffer that stays in L1/L2: one pass over the window
 per output pixel, no per-tap tensors in memory, half the exponentials of a tap-by-tap loop.
 Items are claimed one at a time from a shared atomic counter by ``torch.get_num_threads()``
 threads (the caller and a small pool), each item written by exactly one thread.
 
 The weight ``exp(-dist^2/(2 s_c^2) - |o|^2/(2 s_s^2))`` is computed as ``2^t`` with
 ``t = -kk dist^2 - sp_o`` (``kk = log2(e)/(2 s_c^2)``, ``sp_o = log2(e)|o|^2/(2 s_s^2)``). In
-float32, ``2^t`` is a degree-6 polynomial on the fractional part times an exponent built from
-bits (relative error ~1e-7, vectorizes; ``t`` is clamped at -126, where the weight is < 1e-38
-of the centre's); float64 uses ``math.exp`` (exact to libm, for gradcheck-grade results).
+float32, ``2^t`` is a degree-5 polynomial on the fractional part times an exponent built from
+bits (relative error 2.4e-7, vectorizes); weights with ``t < -64`` (below 2^-64 = 5.4e-20 of the centre's
+weight 1) are exactly 0, so no arithmetic ever touches a denormal weight (several times slower
+on x86, and common: most colour distances of a noisy image are that large). A NaN or infinite
+neighbour gets weight 0 and ``0 * inf = NaN``, as on the PyTorch path. float64 uses
+``math.exp`` (exact to libm, for gradcheck-grade results). fastmath flags: FMA contraction,
+``nsz``, ``arcp``; no ``nnan``/``ninf`` (NaN and inf propagate) and no ``reassoc``.
 
 Backward (the formula of ``docs/bilateral.md``, as a gather): with ``G = g/D`` and
 ``b = sum_c G out`` (both zero outside the image), every position ``u`` of the r-padded grid
@@ -34,7 +39,9 @@ gets ``gpad[u] = G_u + sum_{o != 0} w_{u,u+o} (G_{u+o} + coef_{u,u+o} (S_{u,u+o}
 again one loop per pair of taps computes them and a second applies both taps. Inputs come from
 2r-padded local rows (x reflected, G and b zero outside the image); ``gpad`` is folded back
 onto the image (reflect-101). Each output position is written by one thread: no atomics, no
-races. Saved state is ``x``, ``out`` and ``1/D``, as on the other paths.
+races. Saved state is ``x``, ``out`` and ``1/D``, as on the PyTorch path (the autograd function
+is shared: :class:`.bilateral_torch.BilateralFunction`); without autograd the forward writes no
+``1/D``.
 """
 
 from __future__ import annotations
@@ -49,7 +56,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from .bilateral_torch import refuse_double_backward
+from .bilateral_torch import apply_bilateral
 
 try:  # optional: without Numba the dispatcher uses the PyTorch path
     import numba
@@ -882,24 +889,9 @@ def bilateral_backward_numba(grad_out, x, out, inv_den, kernel_size, sigma_color
     return grad
 
 
-class _BilateralNumba(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, kernel_size, sigma_color, sigma_space, distance, window):
-        out, inv_den = bilateral_forward_numba(x, kernel_size, sigma_color, sigma_space, distance, window)
-        ctx.save_for_backward(x, out, inv_den)
-        ctx.cfg = (kernel_size, sigma_color, sigma_space, distance, window)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        refuse_double_backward()
-        x, out, inv_den = ctx.saved_tensors
-        grad = bilateral_backward_numba(grad_out, x, out, inv_den, *ctx.cfg)
-        return grad, None, None, None, None, None
+NUMBA_KERNELS = (bilateral_forward_numba, bilateral_backward_numba)
 
 
 def bilateral_filter_numba(x, kernel_size, sigma_color, sigma_space, distance="l1", window="circle"):
     """One bilateral pass on the fused CPU path (differentiable w.r.t. ``x``; sigmas are constants)."""
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _BilateralNumba.apply(x, kernel_size, sigma_color, sigma_space, distance, window)
-    return bilateral_forward_numba(x, kernel_size, sigma_color, sigma_space, distance, window, save=False)[0]
+    return apply_bilateral(NUMBA_KERNELS, x, kernel_size, sigma_color, sigma_space, distance, window)

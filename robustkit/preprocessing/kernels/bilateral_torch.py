@@ -228,14 +228,14 @@ def _pair_weight(xs, r, dy, dx, h, w, l1, neg_s, like, keep_abs: bool):
 
 
 # ------------------------------------------------------------------ forward
-def bilateral_forward_torch(x, kernel_size, sigma_color, sigma_space, distance, window):
-    """Returns ``(out, inv_den)`` (``1/D``, N x 1 x H x W); builds no autograd graph."""
+def bilateral_forward_torch(x, kernel_size, sigma_color, sigma_space, distance, window, save=True):
+    """Returns ``(out, inv_den)`` (``1/D``, N x 1 x H x W; None unless ``save``); builds no autograd graph."""
     x = x.contiguous()
     out = torch.empty_like(x)
     inv_den = torch.empty(x.shape[0], 1, *x.shape[2:], dtype=x.dtype, device=x.device)
     for s in _chunks(x):
         _forward(x[s], kernel_size, _slice_sigma(sigma_color, s), _slice_sigma(sigma_space, s), distance, window, out[s], inv_den[s])
-    return out, inv_den
+    return out, inv_den if save else None
 
 
 def _forward(x, kernel_size, sigma_color, sigma_space, distance, window, out, inv_den):
@@ -262,6 +262,7 @@ def _forward(x, kernel_size, sigma_color, sigma_space, distance, window, out, in
 # ------------------------------------------------------------------ backward
 def bilateral_backward_torch(grad_out, x, out, inv_den, kernel_size, sigma_color, sigma_space, distance, window):
     """Exact gradient w.r.t. ``x`` (weights depend on both the centre and the neighbour)."""
+    grad_out, x = grad_out.contiguous(), x.contiguous()
     grad = torch.empty_like(x)
     for s in _chunks(x):
         grad[s] = _backward(grad_out[s], x[s], out[s], inv_den[s], kernel_size,
@@ -330,10 +331,18 @@ def refuse_double_backward() -> None:
             "differentiable approximation such as BPDA (robustkit.attacks.BPDA) for the filter")
 
 
-class _BilateralTorch(torch.autograd.Function):
+class BilateralFunction(torch.autograd.Function):
+    """One bilateral pass with an exact hand-written backward, for a pair of kernels (the
+    PyTorch path here, the fused CPU kernel in :mod:`.bilateral_numba`):
+    ``forward(x, kernel_size, sigma_color, sigma_space, distance, window, save)`` returns
+    ``(out, inv_den)`` and ``backward(grad_out, x, out, inv_den, kernel_size, sigma_color,
+    sigma_space, distance, window)`` the gradient w.r.t. ``x``. Saved state: ``x``, ``out`` and
+    ``1/D``. Sigmas are constants (no gradient); the backward is not itself differentiable."""
+
     @staticmethod
-    def forward(ctx, x, kernel_size, sigma_color, sigma_space, distance, window):
-        out, inv_den = bilateral_forward_torch(x, kernel_size, sigma_color, sigma_space, distance, window)
+    def forward(ctx, x, kernels, kernel_size, sigma_color, sigma_space, distance, window):
+        forward, ctx.backward_kernel = kernels
+        out, inv_den = forward(x, kernel_size, sigma_color, sigma_space, distance, window, True)
         ctx.save_for_backward(x, out, inv_den)
         ctx.cfg = (kernel_size, sigma_color, sigma_space, distance, window)
         return out
@@ -342,15 +351,24 @@ class _BilateralTorch(torch.autograd.Function):
     def backward(ctx, grad_out):
         refuse_double_backward()
         x, out, inv_den = ctx.saved_tensors
-        grad = bilateral_backward_torch(grad_out.contiguous(), x.contiguous(), out, inv_den, *ctx.cfg)
-        return grad, None, None, None, None, None
+        grad = ctx.backward_kernel(grad_out, x, out, inv_den, *ctx.cfg)
+        return (grad,) + (None,) * 6
+
+
+def apply_bilateral(kernels, x, kernel_size, sigma_color, sigma_space, distance, window):
+    """One pass with ``kernels = (forward, backward)``: through :class:`BilateralFunction` when
+    autograd needs the gradient, else the forward alone, keeping no state for a backward."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return BilateralFunction.apply(x, kernels, kernel_size, sigma_color, sigma_space, distance, window)
+    return kernels[0](x, kernel_size, sigma_color, sigma_space, distance, window, False)[0]
+
+
+TORCH_KERNELS = (bilateral_forward_torch, bilateral_backward_torch)
 
 
 def bilateral_filter_torch(x, kernel_size, sigma_color, sigma_space, distance="l1", window="circle"):
     """One bilateral pass on the PyTorch path (differentiable w.r.t. ``x``; sigmas are constants)."""
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _BilateralTorch.apply(x, kernel_size, sigma_color, sigma_space, distance, window)
-    return bilateral_forward_torch(x, kernel_size, sigma_color, sigma_space, distance, window)[0]
+    return apply_bilateral(TORCH_KERNELS, x, kernel_size, sigma_color, sigma_space, distance, window)
 
 
 def spatial_weight_sum(kernel_size: int, sigma_space: float, window: str) -> float:
