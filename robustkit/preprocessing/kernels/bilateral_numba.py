@@ -187,6 +187,30 @@ if numba is not None:
                     lc[o + j] = src[ix[j]]
                     lc[o + ur + uW + j] = src[ix[ur + uW + j]]
 
+    @njit(nogil=True)
+    def _load_rows3(x, n, i0, i1, iy, ix, xl):
+        """:func:`_load_rows` for 3 channels, one loop per row (rows of 32 values are short: the
+        loop overhead, not the copy, is most of the cost)."""
+        W = x.shape[3]
+        Wp = ix.shape[0]
+        r = (Wp - W) // 2
+        uW, ur, uWp = np.uintp(W), np.uintp(r), np.uintp(Wp)
+        l0, l1, l2 = xl[0], xl[1], xl[2]
+        for i in range(i0, i1):
+            y = iy[i]
+            s0, s1, s2 = x[n, 0, y], x[n, 1, y], x[n, 2, y]
+            o = np.uintp(i - i0) * uWp
+            d0, d1, d2 = l0[o + ur : o + ur + uW], l1[o + ur : o + ur + uW], l2[o + ur : o + ur + uW]
+            for j in range(uW):  # inside columns: ix[r + j] = j
+                d0[j] = s0[j]
+                d1[j] = s1[j]
+                d2[j] = s2[j]
+            for j in range(ur):
+                a, b = ix[j], ix[ur + uW + j]
+                l0[o + j], l0[o + ur + uW + j] = s0[a], s0[b]
+                l1[o + j], l1[o + ur + uW + j] = s1[a], s1[b]
+                l2[o + j], l2[o + ur + uW + j] = s2[a], s2[b]
+
     @njit(nogil=True, fastmath=_FASTMATH)
     def _load_grad_rows(g, inv_den, out, n, i0, i1, r2, Gl, bl):
         """Rows ``i0 <= i < i1`` of the 2r-padded grids ``G = g/D`` and ``b = sum_c G out``
@@ -444,7 +468,10 @@ if numba is not None:
             y0 = (it % blocks) * rows
             y1 = min(H, y0 + rows)
             L = (y1 - y0 - 1) * Wp + W
-            _load_rows(x, n, y0, y1 + 2 * r, iy, ix, xl)
+            if C == 3:
+                _load_rows3(x, n, y0, y1 + 2 * r, iy, ix, xl)
+            else:
+                _load_rows(x, n, y0, y1 + 2 * r, iy, ix, xl)
             k2 = kk[n]
             den = acc[C]
             if C == 3 and T > 0:  # groups of up to 3 pairs per pass, the first from the centre tap
@@ -472,20 +499,32 @@ if numba is not None:
                 for t in range(T):
                     o = offs[t]
                     _fwd_pair(xl, base - o, o, L + o, L, k2, sp[n, t], low, l1, acc, wb[0])
-            for i in range(L):
-                den[i] = one / den[i]
-            for y in range(y0, y1):
-                rb = np.uintp(y - y0) * uWp
-                drow = den[rb : rb + uW]
-                if save:
-                    idr = inv_den[n, 0, y]
+            if C == 3 and not save:  # one loop per row: 1/D and the three channels
+                for y in range(y0, y1):
+                    rb = np.uintp(y - y0) * uWp
+                    drow = den[rb : rb + uW]
+                    a0, a1, a2 = acc[0, rb : rb + uW], acc[1, rb : rb + uW], acc[2, rb : rb + uW]
+                    o0, o1, o2 = out[n, 0, y], out[n, 1, y], out[n, 2, y]
                     for j in range(uW):
-                        idr[j] = drow[j]
-                for c in range(C):
-                    arow = acc[c, rb : rb + uW]
-                    orow = out[n, c, y]
-                    for j in range(uW):
-                        orow[j] = arow[j] * drow[j]
+                        idn = one / drow[j]
+                        o0[j] = a0[j] * idn
+                        o1[j] = a1[j] * idn
+                        o2[j] = a2[j] * idn
+            else:
+                for i in range(L):
+                    den[i] = one / den[i]
+                for y in range(y0, y1):
+                    rb = np.uintp(y - y0) * uWp
+                    drow = den[rb : rb + uW]
+                    if save:
+                        idr = inv_den[n, 0, y]
+                        for j in range(uW):
+                            idr[j] = drow[j]
+                    for c in range(C):
+                        arow = acc[c, rb : rb + uW]
+                        orow = out[n, c, y]
+                        for j in range(uW):
+                            orow[j] = arow[j] * drow[j]
             _fetch_add(counter, 1)  # done
 
     # ---------------------------------------------------------- backward
