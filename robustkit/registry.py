@@ -207,6 +207,7 @@ FILTERS = Registry("data filter")
 MODELS = Registry("model")
 DATASETS = Registry("dataset")
 STEPS = Registry("pipeline step")
+DETECTORS = Registry("detector")  # input detectors (STRIP) and model scanners (Neural Cleanse)
 
 REGISTRIES: dict[str, Registry] = {
     "preprocessors": PREPROCESSORS,
@@ -217,4 +218,5 @@ REGISTRIES: dict[str, Registry] = {
     "models": MODELS,
     "datasets": DATASETS,
     "steps": STEPS,
+    "detectors": DETECTORS,
 }

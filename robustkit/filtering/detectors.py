@@ -2,11 +2,8 @@
 inputs, e.g. STRIP), the ``ModelScanner`` interface (is this model backdoored, and towards which
 label, e.g. Neural Cleanse's detection), the ``DetectorGuard`` that puts an input detector in front
 of a model, and the ``DETECTORS`` registry that the ``detect`` pipeline step and ``robustkit list
-detectors`` read.
-
-``DETECTORS`` lives here (not in :mod:`robustkit.registry`) so that the detectors could be added
-without touching the core registry module; it is also entered in ``robustkit.registry.REGISTRIES``
-under ``"detectors"``, so configs and the CLI see it like the other registries.
+detectors`` read (declared in :mod:`robustkit.registry` with the other registries and
+re-exported here).
 """
 
 from __future__ import annotations
@@ -20,11 +17,7 @@ from torch.utils.data import Dataset
 
 from ..base import ResultDetails
 from ..errors import InputError
-from ..registry import REGISTRIES, Registry
-
-#: Registered detectors: input detectors (``strip``) and model scanners (``neural_cleanse``).
-DETECTORS = Registry("detector")
-REGISTRIES.setdefault("detectors", DETECTORS)
+from ..registry import DETECTORS
 
 
 class InputDetector(abc.ABC):
