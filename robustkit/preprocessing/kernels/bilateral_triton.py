@@ -46,13 +46,9 @@ def _reflect(i, n):
 
 
 @triton.jit
-def _bilateral_fwd_kernel(
-    x_ptr, out_ptr, invden_ptr, isc2_ptr, i2ss2_ptr,
-    NPIX, H, W,
-    C: tl.constexpr, CP: tl.constexpr, R: tl.constexpr, CIRCLE: tl.constexpr, L1: tl.constexpr,
-    F64: tl.constexpr, BLOCK: tl.constexpr, STORE_INV: tl.constexpr,
-):
-    acc_t = tl.float64 if F64 else tl.float32
+def _image_block(NPIX, H, W, C: tl.constexpr, CP: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's block of image pixels: flat index, mask, sample, row, column, the
+    ``BLOCK x CP`` pixel-and-channel mask and offsets of each pixel's channel planes."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     pmask = offs < NPIX
     hw = H * W
@@ -61,10 +57,36 @@ def _bilateral_fwd_kernel(
     h = rem // W
     w = rem % W
     ch = tl.arange(0, CP)
-    cmask = ch < C
-    m2 = pmask[:, None] & cmask[None, :]
-    base = n * (C * hw)
-    cptr = base[:, None] + ch[None, :] * hw
+    m2 = pmask[:, None] & (ch < C)[None, :]
+    cptr = (n * (C * hw))[:, None] + ch[None, :] * hw
+    return offs, pmask, n, h, w, m2, cptr
+
+
+@triton.jit
+def _tap_weight(diff, d2, i2ss2, isc2, L1: tl.constexpr):
+    """Weight of a tap at squared spatial distance ``d2`` from the channel differences ``diff``
+    (``BLOCK x CP``, zero in padding channels), and the weight derivative's factor ``coef``:
+    ``dist * sign(diff)`` (L1, sign(0) = 0) or ``diff`` (L2)."""
+    if L1:
+        d = tl.sum(tl.abs(diff), axis=1)
+        e = 0.5 * d * d
+        coef = tl.where(diff > 0, d[:, None], tl.where(diff < 0, -d[:, None], 0.0))
+    else:
+        e = 0.5 * tl.sum(diff * diff, axis=1)
+        coef = diff
+    wgt = tl.exp(-d2 * i2ss2 - e * isc2)
+    return wgt, coef
+
+
+@triton.jit
+def _bilateral_fwd_kernel(
+    x_ptr, out_ptr, invden_ptr, isc2_ptr, i2ss2_ptr,
+    NPIX, H, W,
+    C: tl.constexpr, CP: tl.constexpr, R: tl.constexpr, CIRCLE: tl.constexpr, L1: tl.constexpr,
+    F64: tl.constexpr, BLOCK: tl.constexpr, STORE_INV: tl.constexpr,
+):
+    acc_t = tl.float64 if F64 else tl.float32
+    offs, pmask, n, h, w, m2, cptr = _image_block(NPIX, H, W, C, CP, BLOCK)
     xc = tl.load(x_ptr + cptr + (h * W + w)[:, None], mask=m2, other=0.0).to(acc_t)
     isc2 = tl.load(isc2_ptr + n, mask=pmask, other=1.0).to(acc_t)
     i2ss2 = tl.load(i2ss2_ptr + n, mask=pmask, other=1.0).to(acc_t)
@@ -78,13 +100,7 @@ def _bilateral_fwd_kernel(
                 yy = _reflect(h + dy, H)
                 xx = _reflect(w + dx, W)
                 nb = tl.load(x_ptr + cptr + (yy * W + xx)[:, None], mask=m2, other=0.0).to(acc_t)
-                diff = nb - xc
-                if L1:
-                    d = tl.sum(tl.abs(diff), axis=1)
-                    e = 0.5 * d * d
-                else:
-                    e = 0.5 * tl.sum(diff * diff, axis=1)
-                wgt = tl.exp(-(dy * dy + dx * dx) * i2ss2 - e * isc2)
+                wgt, _ = _tap_weight(nb - xc, dy * dy + dx * dx, i2ss2, isc2, L1)
                 num += wgt[:, None] * nb
                 den += wgt
     inv = 1.0 / den
@@ -101,16 +117,7 @@ def _bilateral_bwd_centre_kernel(
     F64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     acc_t = tl.float64 if F64 else tl.float32
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    pmask = offs < NPIX
-    hw = H * W
-    n = offs // hw
-    rem = offs % hw
-    h = rem // W
-    w = rem % W
-    ch = tl.arange(0, CP)
-    m2 = pmask[:, None] & (ch < C)[None, :]
-    cptr = (n * (C * hw))[:, None] + ch[None, :] * hw
+    offs, pmask, n, h, w, m2, cptr = _image_block(NPIX, H, W, C, CP, BLOCK)
     here = (h * W + w)[:, None]
     xc = tl.load(x_ptr + cptr + here, mask=m2, other=0.0).to(acc_t)
     G = tl.load(G_ptr + cptr + here, mask=m2, other=0.0).to(acc_t)
@@ -126,16 +133,7 @@ def _bilateral_bwd_centre_kernel(
                 yy = _reflect(h + dy, H)
                 xx = _reflect(w + dx, W)
                 nb = tl.load(x_ptr + cptr + (yy * W + xx)[:, None], mask=m2, other=0.0).to(acc_t)
-                diff = nb - xc
-                if L1:
-                    d = tl.sum(tl.abs(diff), axis=1)
-                    e = 0.5 * d * d
-                    sgn = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0)).to(acc_t)
-                    coef = sgn * d[:, None]
-                else:
-                    e = 0.5 * tl.sum(diff * diff, axis=1)
-                    coef = diff
-                wgt = tl.exp(-(dy * dy + dx * dx) * i2ss2 - e * isc2)
+                wgt, coef = _tap_weight(nb - xc, dy * dy + dx * dx, i2ss2, isc2, L1)
                 S = tl.sum(G * nb, axis=1) - b
                 acc += coef * (S * wgt * isc2)[:, None]
     tl.store(grad_ptr + cptr + here, acc.to(grad_ptr.dtype.element_ty), mask=m2)
@@ -181,16 +179,7 @@ def _bilateral_bwd_neighbour_kernel(
                 xp = tl.load(x_ptr + cptr + cidx, mask=vm, other=0.0).to(acc_t)
                 Gp = tl.load(G_ptr + cptr + cidx, mask=vm, other=0.0).to(acc_t)
                 bp = tl.load(b_ptr + n * hw + tl.where(valid, cy, 0) * W + tl.where(valid, cx, 0), mask=valid, other=0.0).to(acc_t)
-                diff = xP - xp
-                if L1:
-                    d = tl.sum(tl.abs(diff), axis=1)
-                    e = 0.5 * d * d
-                    sgn = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0)).to(acc_t)
-                    coef = sgn * d[:, None]
-                else:
-                    e = 0.5 * tl.sum(diff * diff, axis=1)
-                    coef = diff
-                wgt = tl.exp(-(dy * dy + dx * dx) * i2ss2 - e * isc2)
+                wgt, coef = _tap_weight(xP - xp, dy * dy + dx * dx, i2ss2, isc2, L1)
                 wgt = tl.where(valid, wgt, 0.0)
                 S = tl.sum(Gp * xP, axis=1) - bp
                 acc += wgt[:, None] * (Gp - coef * (S * isc2)[:, None])
