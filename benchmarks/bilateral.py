@@ -14,14 +14,18 @@ torch), and reports the median of its repeated calls. The whole set runs ``--rou
 interleaved, because the machine may be shared: the reported time is the median over rounds,
 and the speed-up is the median over rounds of (peer time / our time) measured in the same
 round. On CUDA, ``torch.cuda.max_memory_allocated`` minus the input, and for our forward also
-the kernel-only time (``triton.testing.do_bench``). Prints a table and writes JSON with the
-CPU model and instruction sets (``benchmarks/_common.machine_info``).
+the kernel-only time (``triton.testing.do_bench``). On CPU it then alternates our circle
+forward and the OpenCV loop call by call in one process (``--paired-rounds``, with
+``--threads`` threads and with 1): wall and process CPU time of both, the median over rounds of
+the per-round ratio, and the load average. Prints a table and writes JSON with the CPU model and
+instruction sets (``benchmarks/_common.machine_info``).
 
     python benchmarks/bilateral.py                       # full run (about 5 minutes on 2 cores)
     python benchmarks/bilateral.py --quick               # about a minute
     python benchmarks/bilateral.py --numba-cpu haswell   # the fused kernel compiled for AVX2 only
     python benchmarks/bilateral.py --torch-path          # also the PyTorch fallback path
     python benchmarks/bilateral.py --omp-passive         # on a shared machine (see --help)
+    python benchmarks/bilateral.py --paired-only         # only ours vs OpenCV, alternated in one process
     python benchmarks/bilateral.py --device cuda --out benchmarks/results/bilateral_gpu.json
 """
 
