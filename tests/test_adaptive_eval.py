@@ -72,6 +72,23 @@ def test_no_eot_passes_on_a_deterministic_model_and_stacked_draws_on_noise():
     assert counted.calls == 2 * 2 + 1  # at most 16 images per forward: 4 draws of 4 images per pass
 
 
+def test_no_early_stop_on_a_randomized_model_unless_asked():
+    counted = CountCalls(nn.Sequential(nn.Flatten(), nn.Linear(16, 3)))
+    with torch.no_grad():
+        counted.inner[1].weight.zero_()
+        counted.inner[1].bias.copy_(torch.tensor([0.0, 5.0, 0.0]))  # always class 1: label 0 is broken at once
+    noisy = robustkit.wrap(counted, GaussianNoise(0.1, seed=0))
+    x, y = torch.rand(3, 1, 4, 4), torch.zeros(3, dtype=torch.long)
+    PGD(eps=0.01, steps=4, eot_samples=4)(noisy, x, y)
+    assert counted.calls == 4 + 1  # every step runs: a randomized model is not stopped early by default
+    counted.calls = 0
+    PGD(eps=0.01, steps=4, eot_samples=4, early_stop_randomized=True)(noisy, x, y)
+    assert counted.calls == 1  # every draw of the first step was fooled: all three stop there
+    counted.calls = 0
+    PGD(eps=0.01, steps=4, eot_samples=1, early_stop_randomized=True)(noisy, x, y)
+    assert counted.calls == 4 + 1  # one draw is never enough to stop
+
+
 class OneDrawPerCall(Preprocessor):
     """A plug-in drawing ONE random shift for the whole batch: stacked copies would share it."""
 
