@@ -176,3 +176,12 @@ def test_attack_cost_orders_pgd_by_passes():
     assert attack_cost(PGD(steps=10, eot_samples=8), det) == 10
     assert attack_cost(PGD(steps=10, eot_samples=8), noisy) == 80
     assert attack_cost(PGD(steps=10, restarts=2), noisy) == 20
+
+
+def test_eot_twin_runs_once_on_a_deterministic_defense_whatever_its_early_stop_setting():
+    x, y = torch.rand(4, 1, 2, 2), torch.zeros(4, dtype=torch.long)
+    ev = evaluate_defenses(ThresholdModel(), x, y, attacks=[
+        {"name": "pgd", "steps": 2}, {"name": "pgd", "steps": 2, "eot_samples": 4, "early_stop_randomized": True}],
+        progress=False, checks=False)
+    assert [r["kind"] for r in ev.rows] == ["clean", "pgd", "worst_case"]
+    assert any("ran once" in n for n in ev.notes)
