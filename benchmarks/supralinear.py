@@ -32,7 +32,9 @@ rows do not expose.
 
 A run can be split across processes by defense (``--defenses none,noise,bilateral`` in one,
 ``--defenses noise+bilateral,bilateral+noise`` in the other, both writing their own ``--out``)
-and merged: ``--merge A.json B.json --out ALL.json`` recomputes the tests and the plot.
+and merged: ``--merge A.json B.json --out ALL.json`` recomputes the tests and the plot. The
+``.partial.json`` file written after every row carries the same setup, so the finished rows of an
+interrupted run can be merged too.
 
     python benchmarks/supralinear.py --quick                       # digits, standard training, minutes
     # the CPU-sized main run of docs/supralinear.md (two single-threaded processes, then a merge):
@@ -393,6 +395,14 @@ def main(argv=None) -> int:
     trades_lr = args.trades_lr or args.lr
     standard_states: dict[str, dict] = {}
 
+    meta = {"machine": _common.machine_info(), "data": data_name, "n_train": len(train),
+            "n_test": n_test, "n_clean": n_clean, "epochs": epochs, "model": args.model, "width": args.width,
+            "eps_linf": args.eps, "eps_l2": args.l2_eps, "eot_samples": eot, "l2_eot_samples": args.l2_eot or eot,
+            "pgd_steps": args.pgd_steps, "eot_steps": eot_steps, "draws": args.draws, "early_stop": False,
+            "trades": {"init": args.trades_init, "epochs": trades_epochs, "lr": trades_lr, "steps": args.trades_steps,
+                       "alpha": args.trades_alpha, "eot_samples": args.trades_eot, "beta": 6.0},
+            "autoattack_budget": aa_budget or "published", "quick": args.quick, "noise": NOISE, "bilateral": BILATERAL,
+            "paper_cifar10": PAPER}
     rows, all_rows, per_image = [], [], {}
     print(f"{data_name}: {len(train)} train / {n_test} attacked test images, {args.model}, {epochs} epochs")
     for training in trainings:
@@ -428,21 +438,16 @@ def main(argv=None) -> int:
             rows.append(row)
             per_image[f"{training}/{name}"] = ev["per_image"]
             all_rows.append({"training": training, "defense": name, "attacks": ev["attacks"]})
-            _common.write_json(Path(args.out).with_suffix(".partial.json"), {"rows": rows, "per_image": per_image,
-                                                                                "argv_note": "partial"})
+            # self-describing, so that an interrupted run's finished rows can still be --merge'd
+            _common.write_json(Path(args.out).with_suffix(".partial.json"),
+                               {"load_average": os.getloadavg(), **meta, "rows": rows, "per_image": per_image,
+                                "evaluation_rows": all_rows, "partial": True})
             print(f"{training:8} {name:16} clean {100 * row['clean']:5.1f}  worst Linf {100 * (row['worst_linf'] or 0):5.1f}"
                   + (f"  worst L2 {100 * row['worst_l2']:5.1f}" if row["worst_l2"] is not None else "")
                   + f"  ({row['train_s']:.0f} s train, {row['eval_s']:.0f} s eval)", flush=True)
 
     out = Path(args.out)
-    result = {"load_average": os.getloadavg(), "machine": _common.machine_info(), "data": data_name, "n_train": len(train),
-              "n_test": n_test, "n_clean": n_clean, "epochs": epochs, "model": args.model, "width": args.width,
-              "eps_linf": args.eps, "eps_l2": args.l2_eps, "eot_samples": eot, "l2_eot_samples": args.l2_eot or eot,
-              "pgd_steps": args.pgd_steps, "eot_steps": eot_steps, "draws": args.draws, "early_stop": False,
-              "trades": {"init": args.trades_init, "epochs": trades_epochs, "lr": trades_lr, "steps": args.trades_steps,
-                         "alpha": args.trades_alpha, "eot_samples": args.trades_eot, "beta": 6.0},
-              "autoattack_budget": aa_budget or "published", "quick": args.quick, "noise": NOISE, "bilateral": BILATERAL,
-              "rows": rows, "per_image": per_image, "evaluation_rows": all_rows, "paper_cifar10": PAPER}
+    result = {"load_average": os.getloadavg(), **meta, "rows": rows, "per_image": per_image, "evaluation_rows": all_rows}
     finish(result, out)
     return 0
 
