@@ -18,7 +18,7 @@ from ..errors import InputError
 from ..registry import ATTACKS
 from ..validation import check_int
 
-DEFAULT_EOT_CHUNK = 1024  # images per forward pass when EOT draws are stacked into one batch
+DEFAULT_EOT_CHUNK = 256  # images per forward pass when EOT draws are stacked (docs/evaluation.md: why not more)
 
 
 def _per_sample_view(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
