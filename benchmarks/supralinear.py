@@ -40,9 +40,10 @@ interrupted run can be merged too.
     # the CPU-sized main run of docs/supralinear.md (two single-threaded processes, then a merge):
     python benchmarks/supralinear.py --data ../shared/data/cifar10_subset.npz --threads 1 --width 32 \\
         --epochs 8 --training standard,trades --trades-init standard --trades-epochs 2 --trades-steps 4 \\
-        --trades-alpha 2.5/255 --trades-eot 1 --trades-lr 0.01 --n-test 256 --n-clean 512 --draws 2 \\
+        --trades-alpha 0.0098 --trades-eot 1 --trades-lr 0.01 --n-test 256 --n-clean 512 --draws 2 \\
         --pgd-steps 20 --eot-steps 10 --eot 4 --l2-eot 2 --autoattack --aa-n-iter 10 --aa-eot-iter 2 \\
         --defenses none,noise,bilateral --out benchmarks/results/supralinear_w32_a.json
+    #   (this is the docs' run; it was stopped after its standard-training rows, out of wall-clock time)
     #   ... the same with --defenses noise+bilateral,bilateral+noise --out .../supralinear_w32_b.json, then
     python benchmarks/supralinear.py --merge benchmarks/results/supralinear_w32_a.json \\
         benchmarks/results/supralinear_w32_b.json --out benchmarks/results/supralinear_w32.json
