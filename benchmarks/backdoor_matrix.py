@@ -12,8 +12,8 @@ x victim recipes {SGD lr 0.01, SGD lr 0.05} x {digits, the genuine CIFAR-10 subs
   ``ActivationDefence`` / ``SpectralSignatureDefense`` on exactly the same feature matrix
   (benchmark-only peer, benchmarks/_art_peer.py): TPR / FPR / AUROC and wall time.
 - **Attention filter** (SmallViT victims, dim 64, depth 4, patch 4, AdamW lr 1e-3): the
-  two-sided attention-entropy filter (``direction="both"``, the default) and BYE's one-sided
-  rule (``"low"``).
+  two-sided attention-entropy filter (``direction="both"``) and BYE's one-sided rule
+  (``"low"``, the default).
 
     python benchmarks/backdoor_matrix.py --part cnn --datasets digits --threads 1
     python benchmarks/backdoor_matrix.py --part cnn --datasets cifar --data ../shared/data/cifar10_subset.npz

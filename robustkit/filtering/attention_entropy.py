@@ -161,15 +161,17 @@ def entropy_scores(entropy: np.ndarray, direction: str = "both", separation: flo
 
     - ``direction="low"`` (BYE): a trigger collapses attention, ``d_j = -1`` on every layer.
     - ``"high"``: a trigger spreads attention (e.g. a full-image blend), ``d_j = +1``.
-    - ``"both"`` (default): ``d_j`` is the side of layer ``j``'s lighter (minority) component,
+    - ``"both"`` (this function's default; the filter's is ``"low"``): ``d_j`` is the side of layer ``j``'s lighter (minority) component,
       ``-1`` below the clean mode and ``+1`` above; each layer is read in the direction in which
       *its* deviating minority lies.
 
-    The score of a sample is ``mean_j d_j z_ij`` over the sensitive layers (``layers`` when
-    given). Without a sensitive layer all layers are used with the two-sided deviation
-    ``|z_ij|`` ("both") or ``d_j z_ij`` ("low" / "high"), and ``fallback`` is True. A
-    2-component mixture on the scores flags the upper cluster as an upper tail
-    (:func:`high_cluster`).
+    ``"both"``: the score of a sample is ``mean_j d_j z_ij`` over the sensitive layers
+    (``layers`` when given); without a sensitive layer all layers are used with the two-sided
+    deviation ``|z_ij|`` and ``fallback`` is True; a 2-component mixture on the scores flags the
+    upper cluster as an upper tail (:func:`high_cluster`). ``"low"`` is BYE exactly: the score
+    is the negative mean raw entropy over the sensitive layers (all layers as the fallback) and
+    the low-entropy cluster of a 2-component mixture on the mean entropy is flagged as a lower
+    tail (:func:`~robustkit.filtering.common.low_cluster`); ``"high"`` mirrors it.
     """
     if direction not in DIRECTIONS:
         raise InputError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
@@ -193,13 +195,21 @@ def entropy_scores(entropy: np.ndarray, direction: str = "both", separation: flo
         fallback = not chosen
         if fallback:
             chosen = list(range(e.shape[1]))
-    signs = np.array([1.0 if per_layer[j]["direction"] == "high" else -1.0 for j in chosen])
-    if fallback and direction == "both":
-        score = np.abs(z[:, chosen]).mean(axis=1)
-    else:
-        score = (z[:, chosen] * signs).mean(axis=1)
-    g = fit_gmm2(score, seed)
-    flagged, cut = high_cluster(score, g)
+    if direction == "both":
+        signs = np.array([1.0 if per_layer[j]["direction"] == "high" else -1.0 for j in chosen])
+        score = np.abs(z[:, chosen]).mean(axis=1) if fallback else (z[:, chosen] * signs).mean(axis=1)
+        g = fit_gmm2(score, seed)
+        flagged, cut = high_cluster(score, g)
+    else:  # BYE exactly: the mean raw entropy over the chosen layers, its low (or high) cluster as a tail
+        mean_entropy = e[:, chosen].mean(axis=1)
+        g = fit_gmm2(mean_entropy, seed)
+        if direction == "low":
+            score = -mean_entropy
+            flagged, low_cut = low_cluster(mean_entropy, g)
+            cut = None if low_cut is None else -low_cut
+        else:
+            score = mean_entropy
+            flagged, cut = high_cluster(mean_entropy, g)
     return {"scores": score, "flagged": flagged, "threshold": cut, "layers": chosen, "fallback": fallback,
             "per_layer": per_layer, "score_gmm": {k: g[k] for k in ("means", "stds", "weights")},
             "score_bimodal": is_bimodal(g, separation)}
@@ -268,17 +278,22 @@ class AttentionEntropyFilter(DataFilter):
 
     Args:
         separation: the bimodality factor (2 in the paper).
-        direction: ``"both"`` (default): each sensitive layer is read toward the side where its
-            minority mixture component lies, so triggers that collapse attention (patches) and
-            triggers that spread it (full-image blends) are both found; ``"low"``: BYE's rule
-            (low entropy is suspicious); ``"high"``: the opposite. See :func:`entropy_scores`.
+        direction: ``"low"`` (default, BYE's rule: low entropy is suspicious); ``"both"``: each
+            sensitive layer is read toward the side where its minority mixture component lies,
+            so triggers that collapse attention (patches) and triggers that spread it
+            (full-image blends) are both found when a layer is bimodal; ``"high"``: the
+            opposite of BYE. See :func:`entropy_scores`. ``"both"`` is not the default: without a
+            bimodal layer its two-sided fallback flagged 36% of the clean samples of the
+            patch victim in ``tests/test_filtering.py`` (BYE's rule: far fewer); see
+            docs/filtering.md for the measurements.
         layers: indices of the layers to use instead of the bimodality selection.
         batch_size, progress: batching and progress bar of the forward passes.
         seed: random state of the mixtures (results are deterministic for a seed).
 
     ``scores``: the mean signed deviation from the clean mode in units of its width (higher =
-    more suspicious). When no layer is bimodal all layers are used, ``details['fallback']`` says
-    so and ``"both"`` scores the two-sided deviation ``mean |z|``. ``details.warnings`` lists
+    more suspicious; for ``"low"`` a monotone per-layer rescaling of BYE's negative mean entropy).
+    When no layer is bimodal all layers are used, ``details['fallback']`` says so and ``"both"``
+    scores the two-sided deviation ``mean |z|``. ``details.warnings`` lists
     every failed premise (no bimodal layer, scores not bimodal, the flagged cluster a majority or
     half of the data, layers deviating in opposite directions) and a ``RuntimeWarning`` repeats
     them; ``details.confident`` is True when there are none. ``threshold``: a sample is flagged
@@ -286,7 +301,7 @@ class AttentionEntropyFilter(DataFilter):
     """
 
     def __init__(self, separation: float = 2.0, layers: list[int] | None = None, batch_size: int = 256,
-                 seed: int = 0, progress: bool = True, direction: str = "both"):
+                 seed: int = 0, progress: bool = True, direction: str = "low"):
         self.separation = check_positive(separation, "separation")
         if layers is not None and (isinstance(layers, (str, bytes)) or not layers
                                    or not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in layers)):
