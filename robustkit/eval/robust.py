@@ -241,7 +241,10 @@ def evaluate_defenses(
     ``cascade``: per defense and radius, run the adaptive attacks cheapest first (:func:`attack_cost`),
     each only on the images that every cheaper one left robust in at least one draw (on a deterministic
     defense, also only on the clean-correct ones), as AutoAttack does inside its ensemble. The worst-case
-    row is unchanged (an image broken in every draw stays at 0 whatever runs after); an attack's own row
+    row is unchanged for deterministic attacks (an image broken in every draw stays at 0 whatever runs
+    after); attacks with a random start (or a randomized defense's draws) see other random streams on a
+    subset of a batch than on the whole batch, so there the worst case equals the separate runs' in
+    distribution, not bit for bit (seen: 2 of 24 images apart for a 2-step PGD). An attack's own row
     then means "robust after this attack and every cheaper one at this radius", and a note says so.
     Non-adaptive rows always run on every image.
     """
