@@ -32,13 +32,7 @@ from robustkit.repair.neural_cleanse import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one BLAS thread is as fast on an idle machine and far faster on a shared one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _state(model):
