@@ -91,31 +91,39 @@ def _empirical_l2(rows: list[dict], label: str) -> dict[float, tuple[str, float]
     return {**single, **worst}
 
 
+def _certifiable(defenses: list | None, path: str) -> tuple[list, list[tuple[str, str]]]:
+    """The defense specs that are Gaussian smoothing (first preprocessor Gaussian noise) and, for the
+    others, ``(label, why not)``; a ConfigError when none is."""
+    eligible, skipped = [], []
+    for d in parse_defenses(defenses, f"{path}.defenses"):
+        try:
+            split_smoothing(d.build(path=f"{path}.defenses"))
+            eligible.append(d)
+        except InputError as e:
+            skipped.append((d.label, str(e)))
+    if not eligible:
+        raise ConfigError("no defense here starts with Gaussian noise, so nothing can be certified; drop "
+                          "'certify' or add a gaussian_noise / noise_bilateral defense", f"{path}.certify")
+    return eligible, skipped
+
+
 def _certify_table(ctx: Context, model, x, y, defenses: list | None, rows: list[dict], opts: dict) -> None:
     """Certified L2 accuracy of each noise defense next to the empirical adaptive L2 accuracy the
     evaluation measured at the same radii. Defenses that are not Gaussian smoothing are named in a
     note, not certified."""
-    specs, eligible = parse_defenses(defenses, "evaluate.defenses"), []
-    for d in specs:
-        try:
-            split_smoothing(d.build())
-            eligible.append(d)
-        except InputError as e:
-            ctx.report.notes.append(f"'{d.label}' is not certified: {e}")
-    if not eligible:
-        raise ConfigError("no defense here starts with Gaussian noise, so nothing can be certified; drop "
-                          "'certify' or add a gaussian_noise / noise_bilateral defense", "evaluate.certify")
+    eligible, skipped = _certifiable(defenses, "evaluate")
+    ctx.report.notes.extend(f"'{label}' is not certified: {why}" for label, why in skipped)
     radii = opts["radii"]
     if radii is None:
         attacked = sorted({float(r["eps"]) for r in rows if r.get("norm") == "l2"})
         radii = sorted({0.0, *attacked}) if attacked else DEFAULT_RADII
-    results, summary, table = {}, [], []
+    results, summary, table, empirical = {}, [], [], {}
     for d in eligible:
         res, row = certify_defense(ctx, model, d, x, y, n0=opts["n0"], n=opts["n"], alpha=opts["alpha"],
                                    batch_size=opts["batch_size"], radii=radii, predict_n=opts["predict_n"])
         results[d.label] = res
         summary.append(row)
-        emp = _empirical_l2(rows, d.label)
+        emp = empirical[d.label] = _empirical_l2(rows, d.label)
         for r, a in zip(radii, res.certified_accuracy(radii)):
             attack, acc = emp.get(r, ("-", "-"))
             table.append({"defense": d.label, "sigma": res.sigma, "L2 radius": r, "certified": a,
@@ -129,8 +137,8 @@ def _certify_table(ctx: Context, model, x, y, defenses: list | None, rows: list[
     ctx.report.add_table("Certification summary", summary, note=(
         "abstention = CERTIFY abstained (p_A <= 1/2); max radius = the largest radius n draws can certify."))
     if ctx.is_main:
-        curves = {d.label: {"empirical (adaptive)": sorted((r, a) for r, (_, a) in _empirical_l2(rows, d.label).items())}
-                  for d in eligible}
+        curves = {label: {"empirical (adaptive)": sorted((r, a) for r, (_, a) in emp.items())}
+                  for label, emp in empirical.items()}
         fig = certified_accuracy_plot(results, ctx.out_path("certified_accuracy.png"), curves)
         ctx.report.figures.append(fig.name)
 
@@ -151,16 +159,7 @@ def _validate(params: dict, path: str) -> None:
         raise ConfigError(f"expected true or false, got {params['cascade']!r}", f"{path}.cascade")
     if params.get("certify"):
         certify_options(params["certify"], f"{path}.certify")
-        certifiable = 0
-        for d in parse_defenses(params.get("defenses"), f"{path}.defenses"):
-            try:
-                split_smoothing(d.build(path=f"{path}.defenses"))
-                certifiable += 1
-            except InputError:
-                pass
-        if not certifiable:
-            raise ConfigError("no defense here starts with Gaussian noise, so nothing can be certified; drop "
-                              "'certify' or add a gaussian_noise / noise_bilateral defense", f"{path}.certify")
+        _certifiable(params.get("defenses"), path)
 
 
 evaluate.validate = _validate  # type: ignore[attr-defined]
