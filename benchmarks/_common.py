@@ -39,6 +39,17 @@ def setup(args: argparse.Namespace) -> None:
     torch.set_num_threads(max(1, int(args.threads)))
 
 
+def pyautoattack_checkpoint() -> str | None:
+    """Path of the CIFAR-10 ResNet-18 state dict that ships with pyautoattack (``examples/model_test.pt``,
+    loads into robustkit's ``resnet18_cifar``), or None when the package or the file is missing."""
+    try:
+        import pyautoattack
+    except ImportError:
+        return None
+    path = Path(pyautoattack.__file__).resolve().parent / "examples" / "model_test.pt"
+    return str(path) if path.is_file() else None
+
+
 def cpu_model() -> str:
     """The CPU's model name (``/proc/cpuinfo``), else ``platform.processor()``."""
     try:

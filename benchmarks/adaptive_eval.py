@@ -35,15 +35,6 @@ import _common  # noqa: E402
 DATA_NAME = "CIFAR-10 subset (5,085 train / 512 test)"
 
 
-def default_checkpoint() -> str | None:
-    try:
-        import pyautoattack
-    except ImportError:
-        return None
-    path = Path(pyautoattack.__file__).resolve().parent / "examples" / "model_test.pt"
-    return str(path) if path.is_file() else None
-
-
 class PassCounter(torch.nn.Module):
     """The classifier, counting the images it sees: with gradient (an attack's forward+backward) or without
     (a prediction). Image-passes do not move with the machine's load, unlike seconds."""
@@ -93,7 +84,7 @@ def main(argv=None) -> int:
     _common.setup(args)
     if not args.data:
         p.error("--data is required (a CIFAR-10 .npz, e.g. ../shared/data/cifar10_subset.npz)")
-    checkpoint = args.checkpoint or default_checkpoint()
+    checkpoint = args.checkpoint or _common.pyautoattack_checkpoint()
     if checkpoint is None:
         p.error("no --checkpoint and pyautoattack's examples/model_test.pt was not found")
 

@@ -38,15 +38,6 @@ def _se(p: float, n: int) -> float:
     return math.sqrt(max(p * (1 - p), 0.0) / n)
 
 
-def default_checkpoint() -> str | None:
-    try:
-        import pyautoattack
-    except ImportError:
-        return None
-    path = Path(pyautoattack.__file__).resolve().parent / "examples" / "model_test.pt"
-    return str(path) if path.is_file() else None
-
-
 def main(argv=None) -> int:
     p = _common.parser(__doc__, "benchmarks/results/finetune_pretrained.json", "tiny sizes (a smoke run)")
     _common.add_data_option(p)
@@ -85,7 +76,7 @@ def main(argv=None) -> int:
     _common.setup(args)
     if not args.data:
         p.error("--data is required (a CIFAR-10 .npz, e.g. ../shared/data/cifar10_subset.npz): the checkpoint is a CIFAR-10 model")
-    checkpoint = args.checkpoint or default_checkpoint()
+    checkpoint = args.checkpoint or _common.pyautoattack_checkpoint()
     if checkpoint is None:
         p.error("no --checkpoint and pyautoattack's examples/model_test.pt was not found")
     if args.quick:
