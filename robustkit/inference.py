@@ -1,4 +1,5 @@
-"""Inference helpers every layer uses: :func:`eval_mode`, :func:`predict`, :func:`accuracy`."""
+"""Inference helpers every layer uses: :func:`eval_mode`, :func:`predict`, :func:`accuracy`,
+:func:`is_randomized`."""
 
 from __future__ import annotations
 
@@ -12,6 +13,11 @@ from torch.utils.data import DataLoader, Dataset
 from .errors import InputError
 from .utils import batches, model_device
 from .validation import check_images, check_labels
+
+
+def is_randomized(model: nn.Module) -> bool:
+    """True when any module of ``model`` declares ``randomized`` (its output is random)."""
+    return any(getattr(m, "randomized", False) for m in model.modules())
 
 
 @contextlib.contextmanager

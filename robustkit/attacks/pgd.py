@@ -15,6 +15,7 @@ from torch import nn
 
 from ..base import EvasionAttack
 from ..errors import InputError
+from ..inference import is_randomized
 from ..registry import ATTACKS
 from ..validation import check_int
 
@@ -132,8 +133,7 @@ class PGD(EvasionAttack):
         return self.project(x + delta, x)
 
     def _passes(self, model: nn.Module) -> int:
-        randomized = bool(_randomized_leaves(model))
-        return self.eot_samples if randomized else 1
+        return self.eot_samples if is_randomized(model) else 1
 
     def _gradient_and_broken(self, model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor,
                              passes: int, batchable: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,9 +183,9 @@ class PGD(EvasionAttack):
         gen = None
         if self.seed is not None:
             gen = torch.Generator(device=x.device).manual_seed(self.seed)
-        passes = self._passes(model)
+        randomized = is_randomized(model)
+        passes = self.eot_samples if randomized else 1
         batchable = draws_batchable(model)
-        randomized = bool(_randomized_leaves(model))
         stop_early = self.early_stop and (not randomized or (self.early_stop_randomized and passes > 1))
         best = x.clone()
         done = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)

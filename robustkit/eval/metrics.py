@@ -10,14 +10,9 @@ import torch
 from torch import nn
 
 from ..base import EvasionAttack
-from ..inference import accuracy, eval_mode, predict  # noqa: F401  (accuracy, predict: re-exported)
+from ..inference import accuracy, eval_mode, is_randomized, predict  # noqa: F401  (accuracy, predict: re-exported)
 from ..utils import batches, model_device, progress_bar
 from ..validation import check_images, check_int, check_labels
-
-
-def is_randomized(model: nn.Module) -> bool:
-    """True when any module of ``model`` declares ``randomized`` (its output is random)."""
-    return any(getattr(m, "randomized", False) for m in model.modules())
 
 
 def reseed_randomized(model: nn.Module, seed: int) -> None:

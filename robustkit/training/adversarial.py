@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
+from ..inference import is_randomized
 from .sam import frozen_bn_stats
 from .steps import TrainStep, _check_finite
 
@@ -158,7 +159,7 @@ class AdversarialStep(TrainStep):
     @property
     def randomized(self) -> bool:
         """Whether the training-time defense is randomized (then the attack uses EOT)."""
-        return self.preprocess is not None and any(getattr(m, "randomized", False) for m in self.preprocess.modules())
+        return self.preprocess is not None and is_randomized(self.preprocess)
 
     @property
     def eot(self) -> int:

@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..errors import InputError
+from ..inference import is_randomized
 from .loop import Monitor
 
 
@@ -51,7 +52,7 @@ class RobustAccuracy(Monitor):
         else:
             self.x, self.y = to_tensors(data, n_samples)
         self.preprocess = copy.deepcopy(preprocess) if preprocess is not None else None
-        randomized = self.preprocess is not None and any(getattr(m, "randomized", False) for m in self.preprocess.modules())
+        randomized = self.preprocess is not None and is_randomized(self.preprocess)
         eot = eot_samples if eot_samples is not None else (8 if randomized else 1)
         self.attack = PGD(eps=eps, alpha=alpha, steps=steps, norm=norm, random_start=True, eot_samples=eot, seed=seed)
         self.draws, self.batch_size, self.seed = draws, batch_size, seed
