@@ -55,6 +55,21 @@ def cls_attention_entropy(attn: torch.Tensor, prefix_tokens: int = 1, eps: float
     return -(p * torch.log(p + eps)).sum(dim=-1)
 
 
+def cls_head_entropies(attn: torch.Tensor, prefix_tokens: int = 1, eps: float = ENTROPY_EPS) -> torch.Tensor:
+    """Per head (N x heads): the entropy of each head's CLS-to-patch attention, renormalized over the patches.
+
+    Same conventions as :func:`cls_attention_entropy`, without the average over heads (which it
+    takes *before* the entropy, so it is not the mean of these values).
+    """
+    if attn.dim() != 4 or attn.shape[-1] != attn.shape[-2]:
+        raise InputError(f"attention must be N x heads x T x T, got {tuple(attn.shape)}")
+    if not 1 <= prefix_tokens < attn.shape[-1]:
+        raise InputError(f"prefix_tokens must be in [1, {attn.shape[-1] - 1}], got {prefix_tokens}")
+    p = attn[:, :, 0, prefix_tokens:].float()
+    p = p / p.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+    return -(p * torch.log(p + eps)).sum(dim=-1)
+
+
 # --------------------------------------------------------------------------- reading attention
 class _EntropyHook:
     """Collects per-batch CLS entropies of one layer from a forward hook."""
@@ -62,6 +77,7 @@ class _EntropyHook:
     def __init__(self, prefix_tokens: int, timm_attn: nn.Module | None = None):
         self.prefix, self.timm_attn = prefix_tokens, timm_attn
         self.values: list[torch.Tensor] = []
+        self.heads: list[torch.Tensor] = []
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
         if self.timm_attn is None:  # robustkit Attention returns (out, attention map)
@@ -72,7 +88,9 @@ class _EntropyHook:
             qkv = output.reshape(n, t, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
             q, k = a.q_norm(qkv[0]), a.k_norm(qkv[1])
             attn = ((q * a.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-        self.values.append(cls_attention_entropy(attn.detach(), self.prefix).cpu())
+        attn = attn.detach()
+        self.values.append(cls_attention_entropy(attn, self.prefix).cpu())
+        self.heads.append(cls_head_entropies(attn, self.prefix).cpu())
 
 
 def _prefix_tokens(model: nn.Module) -> int:
@@ -87,21 +105,33 @@ def _prefix_tokens(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def attention_entropies(model: nn.Module, dataset: Dataset, batch_size: int = 256,
-                        progress: bool = True) -> tuple[torch.Tensor, list[str]]:
-    """``(N x L entropies, layer names)``: CLS-to-patch attention entropy of every sample at every layer."""
+def read_attention_entropies(model: nn.Module, dataset: Dataset, batch_size: int = 256,
+                             progress: bool = True) -> dict[str, Any]:
+    """One pass over ``dataset``: ``layer`` (N x L head-averaged entropies, as BYE), ``head``
+    (N x L x heads per-head entropies), ``labels`` (N, the data set's labels) and ``names``."""
     layers = attention_layers(model)
     prefix = _prefix_tokens(model)
     hooks = [_EntropyHook(prefix, timm_attn) for _, _, timm_attn in layers]
     device = model_device(model)
     loader = ordered_loader(dataset, batch_size)
+    labels = []
     with eval_mode(model), hooked([(m, h) for (_, m, _), h in zip(layers, hooks)]):
         bar = progress_bar(len(loader), "attention entropy", progress, unit="batch")
-        for x, _ in loader:
+        for x, y in loader:
             model(x.to(device))
+            labels.append(torch.as_tensor(y).reshape(-1).cpu())
             bar.update(1)
         bar.close()
-    return torch.stack([torch.cat(h.values) for h in hooks], dim=1), [n for n, _, _ in layers]
+    return {"layer": torch.stack([torch.cat(h.values) for h in hooks], dim=1),
+            "head": torch.stack([torch.cat(h.heads) for h in hooks], dim=1),
+            "labels": torch.cat(labels).long(), "names": [n for n, _, _ in layers]}
+
+
+def attention_entropies(model: nn.Module, dataset: Dataset, batch_size: int = 256,
+                        progress: bool = True) -> tuple[torch.Tensor, list[str]]:
+    """``(N x L entropies, layer names)``: CLS-to-patch attention entropy of every sample at every layer."""
+    r = read_attention_entropies(model, dataset, batch_size, progress)
+    return r["layer"], r["names"]
 
 
 # --------------------------------------------------------------------------- scoring
@@ -242,12 +272,143 @@ def entropy_warnings(info: dict[str, Any], separation: float, names: list[str] |
     return notes
 
 
+# --------------------------------------------------------------------------- per-class split (default)
+METHODS = ("split", "bye")
+OUTLIER_Z = 3.5  # modified z-score above which a class's split stands out (Iglewicz & Hoaglin's cut)
+UNSURE_GAP = float(np.log(2.0))  # orientation margin (nats of variance ratio) below which the side is a guess
+
+
+def _robust_standardize(x: np.ndarray) -> np.ndarray:
+    """Columns to (x - median) / (1.4826 MAD); a column with zero MAD uses its standard deviation (or 1)."""
+    med = np.median(x, axis=0)
+    scale = MAD_TO_SIGMA * np.median(np.abs(x - med), axis=0)
+    sd = x.std(axis=0)
+    scale = np.where(scale > 1e-12, scale, np.where(sd > 1e-12, sd, 1.0))
+    return (x - med) / scale
+
+
+def _robust_z(values: np.ndarray) -> np.ndarray:
+    """Modified z-scores ``(v - median) / (1.4826 MAD)`` of a small vector (0 where the MAD is 0 and v is the median)."""
+    med = float(np.median(values))
+    mad = MAD_TO_SIGMA * float(np.median(np.abs(values - med)))
+    if mad <= 1e-12:
+        return np.where(values > med, np.inf, 0.0)
+    return (values - med) / mad
+
+
+def split_scores(head_entropy: np.ndarray, labels: np.ndarray, seed: int = 0,
+                 outlier: float = OUTLIER_Z) -> dict[str, Any]:
+    """Per-class split of the per-head attention-entropy profiles (the default rule of the filter).
+
+    ``head_entropy`` is ``N x K`` (the CLS-attention entropy of every head of every layer),
+    ``labels`` the data set's (poisoned) labels. The premise, BYE's attention collapse read per
+    head and in either direction: a trigger the model relies on fixes the attention of the heads
+    that read it, whatever the image, so the poisoned samples' entropies in those heads are
+    nearly constant (a collapsed map for a patch, a near-uniform one for a full-image blend) and,
+    all-to-one, they all sit in the target class.
+
+    1. Every head's entropies are standardized over all samples (median, 1.4826 MAD).
+    2. Per class (at least 4 samples): 2-means (``n_init=10``, ``seed``) on the profiles; the
+       silhouette of the split (on at most 2,000 samples of the class).
+    3. **Which cluster is suspicious**, without ground truth: the one with the most *compressed*
+       head. Per cluster and head, ``log(var_cluster / var_typical)`` with ``var_typical`` the
+       median over the *other* classes of their variance of that head; the cluster's compression
+       is the largest ``-log`` ratio over heads. ``gap`` is the suspicious cluster's compression
+       minus the other cluster's (nats; the margin of the orientation).
+    4. Class weight ``max(silhouette, 0) * max(gap, 0)``; a sample's score is the weight times
+       its relative closeness to the suspicious centroid ``(d_other - d_susp) / (d_other + d_susp)``
+       (higher = more suspicious; a sample of a class without a split scores about 0).
+    5. A class is *poisoned* when its weight is an outlier among the classes (modified z-score
+       ``(w - median) / (1.4826 MAD) > outlier``, 3.5); its suspicious cluster is flagged.
+    """
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import silhouette_score
+
+    h = np.asarray(head_entropy, dtype=np.float64)
+    y = np.asarray(labels).reshape(-1)
+    if h.ndim != 2 or h.shape[0] < 2 or h.shape[0] != y.shape[0]:
+        raise InputError(f"head_entropy must be N x K with N >= 2 and N labels, got {h.shape} and {y.shape}")
+    z = _robust_standardize(h)
+    classes = [int(c) for c in np.unique(y)]
+    idx = {c: np.flatnonzero(y == c) for c in classes}
+    var = {c: z[i].var(axis=0) for c, i in idx.items()}
+    scores = np.zeros(len(y))
+    per_class: dict[int, dict[str, Any]] = {}
+    parts: dict[int, np.ndarray] = {}
+    for c in classes:
+        i = idx[c]
+        others = [var[k] for k in classes if k != c and len(idx[k]) >= 2]
+        if len(i) < 4 or not others:
+            per_class[c] = {"n": len(i), "weight": 0.0, "reason": "too few samples" if len(i) < 4 else "no other class"}
+            continue
+        km = KMeans(n_clusters=2, n_init=10, random_state=seed).fit(z[i])
+        a = km.labels_
+        sizes = np.bincount(a, minlength=2)
+        if sizes.min() < 2:
+            per_class[c] = {"n": len(i), "weight": 0.0, "reason": "no split (a cluster of fewer than 2 samples)"}
+            continue
+        sil = float(silhouette_score(z[i], a, sample_size=min(len(i), 2000), random_state=seed))
+        typical = np.maximum(np.median(others, axis=0), 1e-12)
+        compression = [float(np.max(-np.log(np.maximum(z[i][a == j].var(axis=0), 1e-12) / typical))) for j in (0, 1)]
+        susp = int(np.argmax(compression))
+        gap = compression[susp] - compression[1 - susp]
+        weight = max(sil, 0.0) * max(gap, 0.0)
+        d = np.linalg.norm(z[i][:, None, :] - km.cluster_centers_[None], axis=2)
+        scores[i] = weight * (d[:, 1 - susp] - d[:, susp]) / (d[:, 1 - susp] + d[:, susp] + 1e-12)
+        parts[c] = i[a == susp]
+        per_class[c] = {"n": len(i), "silhouette": round(sil, 4), "suspicious_share": round(float(sizes[susp] / len(i)), 4),
+                        "compression": round(compression[susp], 4), "gap": round(gap, 4), "weight": round(weight, 4)}
+    weights = np.array([per_class[c]["weight"] for c in classes])
+    zw = _robust_z(weights) if len(classes) >= 3 else np.zeros(len(classes))
+    flagged = np.zeros(len(y), dtype=bool)
+    poisoned = []
+    for c, zc in zip(classes, zw):
+        per_class[c]["weight_z"] = round(float(zc), 3) if np.isfinite(zc) else float("inf")
+        hit = c in parts and per_class[c]["weight"] > 0 and zc > outlier
+        per_class[c]["flagged"] = int(len(parts[c])) if hit else 0
+        if hit:
+            flagged[parts[c]] = True
+            poisoned.append(c)
+    return {"scores": scores, "flagged": flagged, "per_class": per_class, "poisoned_classes": poisoned,
+            "outlier": float(outlier), "n_classes": len(classes)}
+
+
+def split_warnings(info: dict[str, Any]) -> list[str]:
+    """Where the per-class split's premise (one class splits off a cluster with pinned attention) fails."""
+    notes = []
+    pc = info["per_class"]
+    if info["n_classes"] < 3:
+        notes.append(f"{info['n_classes']} class(es): a poisoned class is recognised by comparison with the others "
+                     "(at least 3 needed); nothing is flagged")
+        return notes
+    if not info["poisoned_classes"]:
+        best = max(pc, key=lambda c: pc[c]["weight"])
+        notes.append(f"no class's split stands out (largest modified z-score {pc[best]['weight_z']:.2f}, class {best}, "
+                     f"needs > {info['outlier']:g}): no class holds a cluster whose attention is pinned as a trigger "
+                     "pins it; nothing is flagged, and the scores rank classes with weak evidence")
+    for c in info["poisoned_classes"]:
+        if pc[c]["gap"] < UNSURE_GAP:
+            notes.append(f"class {c}: which of its two clusters is poisoned is uncertain (the suspicious cluster's most "
+                         f"compressed head is only {pc[c]['gap']:.2f} nats ahead of the other's, < log 2)")
+        if pc[c]["suspicious_share"] > 0.65:
+            notes.append(f"class {c}: the flagged cluster is {pc[c]['suspicious_share']:.0%} of the class "
+                         "(a poisoned majority of the class, or clean samples in the cluster)")
+    if len(info["poisoned_classes"]) > 1:
+        notes.append(f"{len(info['poisoned_classes'])} classes stand out ({info['poisoned_classes']}): expected one "
+                     "for an all-to-one backdoor")
+    return notes
+
+
 # --------------------------------------------------------------------------- filters
 @dataclass
 class AttentionEntropyDetails(ResultDetails):
-    """Layers used (and whether that was the all-layer fallback), every layer's entropy mixture,
-    clean mode and direction, the score mixture, the flagging threshold and the diagnostics;
-    ``entropy`` (mean entropy over the layers used) and ``layer_entropy`` are per sample."""
+    """What the filter decided. ``method``: ``"split"`` or ``"bye"``. For ``"bye"``: the layers used
+    (and whether that was the all-layer fallback), every layer's entropy mixture, clean mode and
+    direction, the score mixture and the flagging threshold. For ``"split"``: ``per_class`` (each
+    class's silhouette, suspicious share, compression, orientation gap, weight, its modified
+    z-score and how many samples were flagged) and ``poisoned_classes``; the per-layer mixtures
+    are still reported (BYE's bimodality test, for reference). Per sample: ``entropy`` (mean
+    entropy over the layers used), ``layer_entropy`` (N x L) and ``head_entropy`` (N x L x heads)."""
 
     layers: list[str]
     layer_indices: list[int]
@@ -258,82 +419,135 @@ class AttentionEntropyDetails(ResultDetails):
     separation: float
     threshold: float | None
     score: str
-    direction: str
+    direction: str | None
     entropy: torch.Tensor
     layer_entropy: torch.Tensor
+    method: str = "split"
+    head_entropy: torch.Tensor | None = None
+    per_class: dict[int, dict[str, Any]] = field(default_factory=dict)
+    poisoned_classes: list[int] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
     @property
     def confident(self) -> bool:
-        """True when no diagnostic fired (a sensitive layer, bimodal scores, a minority flagged)."""
+        """True when no diagnostic fired (see :func:`entropy_warnings` / :func:`split_warnings`)."""
         return not self.warnings
 
     def tables(self) -> list[tuple[str, list[dict[str, Any]]]]:
-        return [("Layers", [dict(r) for r in self.per_layer])]
+        out = [("Layers", [dict(r) for r in self.per_layer])]
+        if self.per_class:
+            out.insert(0, ("Classes", [{"class": c, **v} for c, v in self.per_class.items()]))
+        return out
 
 
 @FILTERS.register("attention_entropy")
 class AttentionEntropyFilter(DataFilter):
-    """Attention-entropy filtering for ViT classifiers, after BYE (see the module docstring), two-sided.
+    """Attention-entropy filtering for ViT classifiers, after BYE (NeurIPS 2025; see the module docstring).
+
+    Two rules (``method``):
+
+    - ``"split"`` (default; :func:`split_scores`): per class, 2-means on the per-head
+      CLS-attention entropies; the cluster with the most compressed head (relative to the other
+      classes) is suspicious, and a class whose split stands out among the classes is flagged.
+      It reads BYE's premise (a trigger pins the attention) per head and in either direction
+      and does not assume the sign; it uses the data set's labels, not the ground truth.
+    - ``"bye"``: BYE's rule as the paper states it, per layer on head-averaged entropies: a
+      layer is sensitive if its 2-component GMM is bimodal, the score is the mean entropy over
+      the sensitive layers, the low-entropy cluster of a GMM on it is flagged
+      (``direction="low"``). ``direction="high"`` / ``"both"`` are this repository's variants
+      (see :func:`entropy_scores`).
+
+    **Where we differ from the paper.** BYE scores MLLM fine-tuning data by the entropy of the
+    answer token's attention over image tokens, averaged over heads, and flags the *low*
+    cluster. On the small CPU ViTs we measured (docs/filtering.md) no layer passed its
+    bimodality test and the head average hid the signal: the trigger collapses the attention
+    of single heads (per-head AUROC up to 1.0) while the deeper layers' head average *rises*
+    toward uniform, for patches as for blends. ``"split"`` therefore (a) keeps the heads apart,
+    (b) is two-sided (a pinned entropy, low or high), (c) works inside each labelled class,
+    because all-to-one poisoning puts every poisoned sample in the target class, where it is
+    about half the class at 10% poisoning, and (d) replaces the GMM tail by a 2-means split
+    oriented by compression. It assumes all-to-one poisoning (one target class) and at least
+    3 classes.
 
     Args:
-        separation: the bimodality factor (2 in the paper).
-        direction: ``"low"`` (default, BYE's rule: low entropy is suspicious); ``"both"``: each
-            sensitive layer is read toward the side where its minority mixture component lies,
-            so triggers that collapse attention (patches) and triggers that spread it
-            (full-image blends) are both found when a layer is bimodal; ``"high"``: the
-            opposite of BYE. See :func:`entropy_scores`. ``"both"`` is not the default: without a
-            bimodal layer its two-sided fallback flagged 36% of the clean samples of the
-            patch victim in ``tests/test_filtering.py`` (BYE's rule: far fewer); see
-            docs/filtering.md for the measurements.
-        layers: indices of the layers to use instead of the bimodality selection.
+        method: ``"split"`` or ``"bye"``; ``None`` (default) means ``"split"``, or ``"bye"``
+            when ``direction`` is given (so callers of the earlier one-rule filter get what they got).
+        direction: for ``"bye"``: ``"low"`` (BYE, the default of that method), ``"both"`` or
+            ``"high"``; ``InputError`` with ``method="split"``.
+        separation: the bimodality factor (2 in the paper), for ``"bye"`` and the per-layer report.
+        outlier: for ``"split"``: the modified z-score a class's weight must exceed (3.5).
+        layers: indices of the layers to use (``"bye"``: instead of the bimodality selection;
+            ``"split"``: whose heads enter the profile).
         batch_size, progress: batching and progress bar of the forward passes.
-        seed: random state of the mixtures (results are deterministic for a seed).
+        seed: random state of the mixtures and of 2-means (results are deterministic for a seed).
 
-    ``scores``: the mean signed deviation from the clean mode in units of its width (higher =
-    more suspicious; for ``"low"`` a monotone per-layer rescaling of BYE's negative mean entropy).
-    When no layer is bimodal all layers are used, ``details['fallback']`` says so and ``"both"``
-    scores the two-sided deviation ``mean |z|``. ``details.warnings`` lists
-    every failed premise (no bimodal layer, scores not bimodal, the flagged cluster a majority or
-    half of the data, layers deviating in opposite directions) and a ``RuntimeWarning`` repeats
-    them; ``details.confident`` is True when there are none. ``threshold``: a sample is flagged
-    iff its score is at least that (None when nothing is flagged).
+    ``details.warnings`` lists every failed premise and a ``RuntimeWarning`` repeats them;
+    ``details.confident`` is True when there are none. ``"bye"``: no bimodal layer, scores not
+    bimodal, the flagged cluster a majority or half of the data, layers deviating in opposite
+    directions. ``"split"``: no class stands out (nothing flagged), the orientation margin of a
+    flagged class below log 2, the flagged cluster a majority of its class, several classes
+    flagged, fewer than 3 classes. ``threshold``: ``"bye"``: flagged iff ``score >= threshold``;
+    ``"split"``: None (flags are per class).
     """
 
     def __init__(self, separation: float = 2.0, layers: list[int] | None = None, batch_size: int = 256,
-                 seed: int = 0, progress: bool = True, direction: str = "low"):
+                 seed: int = 0, progress: bool = True, direction: str | None = None, method: str | None = None,
+                 outlier: float = OUTLIER_Z):
         self.separation = check_positive(separation, "separation")
+        self.outlier = check_positive(outlier, "outlier")
         if layers is not None and (isinstance(layers, (str, bytes)) or not layers
                                    or not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in layers)):
             raise InputError(f"layers must be a non-empty list of layer indices, got {layers!r}")
-        if direction not in DIRECTIONS:
+        if direction is not None and direction not in DIRECTIONS:
             raise InputError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+        if method is None:
+            method = "split" if direction is None else "bye"
+        if method not in METHODS:
+            raise InputError(f"method must be one of {METHODS}, got {method!r}")
+        if method == "split" and direction is not None:
+            raise InputError("direction applies to method='bye' (BYE's mean-entropy rule); method='split' is two-sided")
         self.layers = None if layers is None else [int(i) for i in layers]
         self.batch_size = positive_int(batch_size, "batch_size")
-        self.seed, self.progress, self.direction = check_seed(seed), bool(progress), direction
+        self.seed, self.progress, self.method = check_seed(seed), bool(progress), method
+        self.direction = (direction or "low") if method == "bye" else None
 
     def fit(self, model: nn.Module, dataset: Dataset) -> FilterResult:
         if self.layers is not None:  # check the indices before the forward passes
             depth = len(attention_layers(model))
             if any(not 0 <= i < depth for i in self.layers):
                 raise InputError(f"layers must be indices in [0, {depth - 1}] ({depth} attention layers), got {self.layers}")
-        ent, names = attention_entropies(model, dataset, self.batch_size, self.progress)
+        read = read_attention_entropies(model, dataset, self.batch_size, self.progress)
+        ent, names, heads = read["layer"], read["names"], read["head"]
         e = ent.double().numpy()
-        info = entropy_scores(e, self.direction, self.separation, self.layers, self.seed)
+        info = entropy_scores(e, self.direction or "low", self.separation, self.layers, self.seed)
         per_layer = [{"layer": name, **r} for name, r in zip(names, info["per_layer"])]
+        chosen = info["layers"]
+        common = dict(per_layer=per_layer, score_gmm=info["score_gmm"], score_bimodal=info["score_bimodal"],
+                      separation=self.separation, direction=self.direction, layer_entropy=ent, head_entropy=heads,
+                      method=self.method)
+        if self.method == "split":
+            use = list(range(e.shape[1])) if self.layers is None else self.layers
+            split = split_scores(heads[:, use].reshape(len(heads), -1).double().numpy(), read["labels"].numpy(),
+                                 self.seed, self.outlier)
+            notes = split_warnings(split)
+            if notes:
+                warnings.warn("attention_entropy: " + "; ".join(notes), RuntimeWarning, stacklevel=2)
+            details = AttentionEntropyDetails(
+                layers=[names[j] for j in use], layer_indices=use, fallback=False, threshold=None,
+                score="per class: split weight x closeness to the cluster with the most compressed head (per-head entropy)",
+                entropy=torch.from_numpy(e[:, use].mean(axis=1)), per_class=split["per_class"],
+                poisoned_classes=split["poisoned_classes"], warnings=notes, **common)
+            return FilterResult(torch.from_numpy(split["scores"]).float(), torch.from_numpy(split["flagged"]), details)
         notes = entropy_warnings(info, self.separation, names)
         if notes:
             warnings.warn("attention_entropy: " + "; ".join(notes), RuntimeWarning, stacklevel=2)
-        chosen = info["layers"]
         what = {"both": "signed deviation from the clean mode toward each layer's minority side",
                 "low": "deviation below the clean mode (BYE: low entropy)",
                 "high": "deviation above the clean mode (high entropy)"}[self.direction]
         if info["fallback"] and self.direction == "both":
             what = "two-sided deviation |z| from the clean mode (no bimodal layer)"
         details = AttentionEntropyDetails(
-            layers=[names[j] for j in chosen], layer_indices=chosen, fallback=info["fallback"], per_layer=per_layer,
-            score_gmm=info["score_gmm"], score_bimodal=info["score_bimodal"], separation=self.separation,
+            layers=[names[j] for j in chosen], layer_indices=chosen, fallback=info["fallback"],
             threshold=info["threshold"], score=f"{what}, mean over the chosen layers (clean-mode widths)",
-            direction=self.direction, entropy=torch.from_numpy(e[:, chosen].mean(axis=1)), layer_entropy=ent,
-            warnings=notes)
+            entropy=torch.from_numpy(e[:, chosen].mean(axis=1)), warnings=notes, **common)
         return FilterResult(torch.from_numpy(info["scores"]).float(), torch.from_numpy(info["flagged"]), details)
