@@ -24,7 +24,6 @@ import os
 import sys
 import time
 import warnings
-from pathlib import Path
 
 import _bdata
 import _common
@@ -57,7 +56,7 @@ def _caught(fn):
     return out, sorted({str(w.message) for w in got if issubclass(w.category, RuntimeWarning)}), time.perf_counter() - t0
 
 
-def run(data, dname, attacks, epochs, log):
+def run(data, dname, attacks, epochs, log, methods=None, strip=True):
     import robustkit
     from robustkit.backdoor import backdoor_metrics
     from robustkit.backdoor.metrics import triggered_test_set
@@ -82,6 +81,8 @@ def run(data, dname, attacks, epochs, log):
         log(f"{dname:6} {aname:8} victim          ACC {100 * before.acc:5.1f} ASR {100 * before.asr:5.1f} {sec:6.1f}s")
         ft_sec = None
         for pname, pspec in DEFENSES.items():
+            if methods is not None and pname not in methods:
+                continue
             try:
                 out, warns, psec = _caught(lambda: repair_and_measure(model, pspec, data.train, data.test, atk,
                                                                       data.num_classes, progress=False))
@@ -102,6 +103,8 @@ def run(data, dname, attacks, epochs, log):
             log(f"{'':16} {pname:15} ACC {100 * a.acc:5.1f} ASR {100 * a.asr:5.1f} RA {100 * a.ra:5.1f} "
                 f"DER {100 * out.der:5.1f} {psec:6.1f}s ({row['time_vs_finetune']:.2f}x FT){extra}"
                 + ("  COLLAPSED" if out.result.collapsed else ""))
+        if not strip:
+            continue
         # STRIP: inference-time detection
         t0 = time.perf_counter()
         det = DETECTORS.build(STRIP).fit(model, split_clean(data.train, 0.10).train)
@@ -151,6 +154,9 @@ def main(argv=None) -> int:
     _common.add_data_option(p)
     p.add_argument("--datasets", nargs="*", default=["digits"], choices=["digits", "cifar"])
     p.add_argument("--attacks", nargs="*", default=list(ATTACKS), choices=list(ATTACKS))
+    p.add_argument("--methods", nargs="*", default=None, choices=list(DEFENSES),
+                   help="run only these repairs (default: all; keep finetune for the time ratio)")
+    p.add_argument("--no-strip", action="store_true", help="skip STRIP's detection rows")
     p.add_argument("--victim-epochs", type=int, default=None, help="victim epochs (default: digits 6, cifar 15)")
     args = p.parse_args(argv)
     _common.setup(args)
@@ -162,7 +168,7 @@ def main(argv=None) -> int:
         data, descs[dname] = _bdata.load(dname, args.data)
         epochs = args.victim_epochs or (3 if args.quick else (6 if dname == "digits" else 15))
         print(f"{dname}: {descs[dname]}; victim SmallCNN-w16, {epochs} epochs", flush=True)
-        rows += run(data, dname, attacks, epochs, lambda s: print(s, flush=True))
+        rows += run(data, dname, attacks, epochs, lambda s: print(s, flush=True), args.methods, not args.no_strip)
     md = tables(rows)
     print(md)
     _common.write_json(args.out, {"benchmark": "baselines", "data": descs, "victim": VICTIM, "defenses": DEFENSES,
