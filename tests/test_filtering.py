@@ -75,6 +75,72 @@ def test_low_cluster_is_a_lower_tail():
     assert cut is None and not mask.any()  # all at or above the upper mean: nothing flagged
 
 
+def _planted_profiles(pinned: bool, seed: int = 0):
+    """10 classes x 100 samples of 16 per-head entropies; with ``pinned``, class 0 gets 100 more
+    samples (all-to-one poisoning) whose heads 3 and 9 are pinned (tiny variance, shifted)."""
+    rng = np.random.default_rng(seed)
+    h = rng.normal(2.5, 0.1, (1000, 16)) + np.repeat(rng.normal(0, 0.05, (10, 16)), 100, axis=0)
+    y = np.repeat(np.arange(10), 100)
+    truth = np.zeros(1000, dtype=bool)
+    if pinned:
+        p = rng.normal(2.5, 0.1, (100, 16))
+        p[:, 3] = rng.normal(2.2, 0.005, 100)  # a patch collapses one head
+        p[:, 9] = rng.normal(2.76, 0.003, 100)  # and makes another near-uniform
+        h, y, truth = np.vstack([h, p]), np.concatenate([y, np.zeros(100, int)]), np.concatenate([truth, np.ones(100, bool)])
+    return h, y, truth
+
+
+def test_split_scores_find_the_pinned_cluster_of_the_target_class():
+    from sklearn.metrics import roc_auc_score
+    from robustkit.filtering.attention_entropy import split_scores, split_warnings
+
+    h, y, truth = _planted_profiles(True)
+    info = split_scores(h, y, seed=0)
+    assert info["poisoned_classes"] == [0]
+    assert roc_auc_score(truth, info["scores"]) > 0.99
+    assert info["flagged"][truth].mean() > 0.95 and info["flagged"][~truth].mean() < 0.01
+    assert info["per_class"][0]["gap"] > 2 and info["per_class"][0]["evidence_z"] > 10
+    assert split_warnings(info) == []
+    att = split_scores(h, y, seed=0, classes="attention")  # the split alone, no class-size assumption
+    assert att["poisoned_classes"] == [0] and roc_auc_score(truth, att["scores"]) > 0.99
+    with pytest.raises(InputError):
+        split_scores(h, y, classes="labels")
+
+
+def test_split_scores_warn_when_no_class_stands_out():
+    from robustkit.filtering.attention_entropy import split_scores, split_warnings
+
+    h, y, _ = _planted_profiles(False)
+    info = split_scores(h, y, seed=0)
+    assert not info["flagged"].any() and info["poisoned_classes"] == []
+    assert any("no class's split stands out" in n for n in split_warnings(info))
+    two = split_scores(h[y < 2], y[y < 2], seed=0)
+    assert not two["flagged"].any() and any("at least 3 needed" in n for n in split_warnings(two))
+    with pytest.raises(InputError):
+        split_scores(h, y[:10])
+
+
+def test_method_and_direction_options():
+    assert AttentionEntropyFilter().method == "split" and AttentionEntropyFilter().direction is None
+    bye = AttentionEntropyFilter(method="bye")
+    assert bye.method == "bye" and bye.direction == "low"
+    assert AttentionEntropyFilter(direction="both").method == "bye"  # callers of the one-rule filter
+    with pytest.raises(InputError, match="method='bye'"):
+        AttentionEntropyFilter(method="split", direction="low")
+    with pytest.raises(InputError):
+        AttentionEntropyFilter(method="gmm")
+
+
+def test_head_entropies_match_per_head_maps():
+    from robustkit.filtering.attention_entropy import cls_head_entropies
+
+    attn = torch.softmax(torch.randn(3, 2, 5, 5), dim=-1)
+    h = cls_head_entropies(attn)
+    for k in range(2):
+        p = attn[:, k, 0, 1:] / attn[:, k, 0, 1:].sum(-1, keepdim=True)
+        torch.testing.assert_close(h[:, k], -(p * torch.log(p + 1e-8)).sum(-1))
+
+
 # --------------------------------------------------------------------------- reading attention
 def test_timm_attention_read_through_hooks_matches_explicit_maps():
     vt = pytest.importorskip("timm.models.vision_transformer")
@@ -225,16 +291,51 @@ def poisoned_vit(victim):
     return model, data
 
 
+@pytest.fixture(scope="module")
+def blended_vit(victim):
+    """SmallViT (dim 64, depth 4, patch 4) trained on 16x16 RGB digits with 10% Blended (uniform noise, alpha 0.2)."""
+    from robustkit.backdoor import Blended
+    from robustkit.data import digits
+    from robustkit.models import SmallViT
+
+    d = digits(size=16, channels=3)
+    torch.manual_seed(0)
+    model = SmallViT(image_size=16, in_channels=3, patch_size=4, dim=64, depth=4, heads=4)
+    model, data, _ = victim(model, Blended(alpha=0.2), d.train, d.test, epochs=20, lr=1e-3, optimizer="adamw",
+                            weight_decay=0.05, warmup_epochs=2, seed=0)
+    return model, data
+
+
 @pytest.mark.slow
 def test_attention_entropy_flags_poisoned_far_better_than_chance(poisoned_vit):
     model, data = poisoned_vit
-    res = AttentionEntropyFilter(progress=False).fit(model, data)
+    res = AttentionEntropyFilter(progress=False).fit(model, data)  # method="split"
     m = filter_metrics(res, data.is_poisoned)
     assert m["auroc"] > 0.85, m
     assert m["tpr"] > 0.6 and m["tpr"] > 4 * m["fpr"], m
-    assert res.details["layers"] and len(res.details["per_layer"]) == 4
+    assert res.details["poisoned_classes"] == [0] and len(res.details["per_layer"]) == 4
+    assert res.details["head_entropy"].shape == (len(data), 4, 4)
     again = AttentionEntropyFilter(progress=False).fit(model, data)
     assert torch.equal(res.scores, again.scores) and torch.equal(res.flagged, again.flagged)
+    bye = AttentionEntropyFilter(method="bye", progress=False).fit(model, data)  # BYE's rule stays reachable
+    assert bye.details["method"] == "bye" and bye.details["direction"] == "low"
+
+
+@pytest.mark.slow
+def test_attention_entropy_on_a_blend_says_when_it_fails(blended_vit):
+    """Issue #15: a full-image blend *raises* the CLS attention entropy on this ViT, so BYE's low-entropy
+    rule ranks the poisoned samples last; the per-class split does not find the target class here and
+    must say so rather than return a confident, wrong answer."""
+    model, data = blended_vit
+    truth = data.is_poisoned
+    low = filter_metrics(AttentionEntropyFilter(method="bye", direction="low", progress=False).fit(model, data), truth)
+    high = filter_metrics(AttentionEntropyFilter(method="bye", direction="high", progress=False).fit(model, data), truth)
+    assert low["auroc"] < 0.3 and high["auroc"] > 0.8, (low, high)
+    with pytest.warns(RuntimeWarning, match="attention_entropy"):
+        res = AttentionEntropyFilter(progress=False).fit(model, data)
+    m = filter_metrics(res, truth)
+    # the contract: right (most poisoned flagged, few clean) or not confident, never confidently wrong
+    assert (m["tpr"] > 0.6 and m["tpr"] > 4 * m["fpr"]) or not res.details.confident, (m, res.details.warnings)
 
 
 def test_feature_filters_flag_poisoned_far_better_than_chance(poisoned_cnn):

@@ -296,8 +296,12 @@ def _robust_z(values: np.ndarray) -> np.ndarray:
     return (values - med) / mad
 
 
-def split_scores(head_entropy: np.ndarray, labels: np.ndarray, seed: int = 0,
-                 outlier: float = OUTLIER_Z) -> dict[str, Any]:
+CLASS_EVIDENCE = ("size", "attention")
+IMBALANCED_CV = 0.25  # robust spread / median of the other classes' sizes above which "size" evidence is unreliable
+
+
+def split_scores(head_entropy: np.ndarray, labels: np.ndarray, seed: int = 0, outlier: float = OUTLIER_Z,
+                 classes: str = "size") -> dict[str, Any]:
     """Per-class split of the per-head attention-entropy profiles (the default rule of the filter).
 
     ``head_entropy`` is ``N x K`` (the CLS-attention entropy of every head of every layer),
@@ -315,62 +319,88 @@ def split_scores(head_entropy: np.ndarray, labels: np.ndarray, seed: int = 0,
        median over the *other* classes of their variance of that head; the cluster's compression
        is the largest ``-log`` ratio over heads. ``gap`` is the suspicious cluster's compression
        minus the other cluster's (nats; the margin of the orientation).
-    4. Class weight ``max(silhouette, 0) * max(gap, 0)``; a sample's score is the weight times
-       its relative closeness to the suspicious centroid ``(d_other - d_susp) / (d_other + d_susp)``
-       (higher = more suspicious; a sample of a class without a split scores about 0).
-    5. A class is *poisoned* when its weight is an outlier among the classes (modified z-score
-       ``(w - median) / (1.4826 MAD) > outlier``, 3.5); its suspicious cluster is flagged.
+    4. **Which class is poisoned** (``classes``): ``"size"`` (default): all-to-one poisoning
+       adds the poisoned samples to the target class, so its evidence is its excess over the
+       median class size, ``max(n_c / median - 1, 0)``; this assumes the clean classes are about
+       balanced (a warning says when the other classes are not). ``"attention"``: the evidence is
+       the split itself, ``max(silhouette, 0) * max(gap, 0)``, with no assumption on class sizes.
+    5. A sample's score is its class's evidence times its relative distance
+       ``d_other / (d_other + d_susp)`` (in [0, 1], above 1/2 on the suspicious side), so every
+       sample of a class with evidence ranks by its closeness to the suspicious cluster and a
+       class without evidence scores 0 (higher = more suspicious).
+    6. A class is *poisoned* when its evidence is an outlier among the classes (modified z-score
+       ``(e - median) / (1.4826 MAD) > outlier``, 3.5; for ``"size"`` of the class sizes
+       themselves, with the spread floored at 5% of the median size); its suspicious cluster is
+       flagged.
     """
     from sklearn.cluster import KMeans
     from sklearn.metrics import silhouette_score
 
+    if classes not in CLASS_EVIDENCE:
+        raise InputError(f"classes must be one of {CLASS_EVIDENCE}, got {classes!r}")
     h = np.asarray(head_entropy, dtype=np.float64)
     y = np.asarray(labels).reshape(-1)
     if h.ndim != 2 or h.shape[0] < 2 or h.shape[0] != y.shape[0]:
         raise InputError(f"head_entropy must be N x K with N >= 2 and N labels, got {h.shape} and {y.shape}")
     z = _robust_standardize(h)
-    classes = [int(c) for c in np.unique(y)]
-    idx = {c: np.flatnonzero(y == c) for c in classes}
+    labels_present = [int(c) for c in np.unique(y)]
+    idx = {c: np.flatnonzero(y == c) for c in labels_present}
     var = {c: z[i].var(axis=0) for c, i in idx.items()}
-    scores = np.zeros(len(y))
+    median_size = float(np.median([len(i) for i in idx.values()]))
+    closeness = np.zeros(len(y))
     per_class: dict[int, dict[str, Any]] = {}
     parts: dict[int, np.ndarray] = {}
-    for c in classes:
+    for c in labels_present:
         i = idx[c]
-        others = [var[k] for k in classes if k != c and len(idx[k]) >= 2]
+        size_excess = round(max(len(i) / median_size - 1.0, 0.0), 4)
+        others = [var[k] for k in labels_present if k != c and len(idx[k]) >= 2]
         if len(i) < 4 or not others:
-            per_class[c] = {"n": len(i), "weight": 0.0, "reason": "too few samples" if len(i) < 4 else "no other class"}
+            per_class[c] = {"n": len(i), "size_excess": size_excess, "split_weight": 0.0,
+                            "reason": "too few samples" if len(i) < 4 else "no other class"}
             continue
         km = KMeans(n_clusters=2, n_init=10, random_state=seed).fit(z[i])
         a = km.labels_
         sizes = np.bincount(a, minlength=2)
         if sizes.min() < 2:
-            per_class[c] = {"n": len(i), "weight": 0.0, "reason": "no split (a cluster of fewer than 2 samples)"}
+            per_class[c] = {"n": len(i), "size_excess": size_excess, "split_weight": 0.0,
+                            "reason": "no split (a cluster of fewer than 2 samples)"}
             continue
         sil = float(silhouette_score(z[i], a, sample_size=min(len(i), 2000), random_state=seed))
         typical = np.maximum(np.median(others, axis=0), 1e-12)
         compression = [float(np.max(-np.log(np.maximum(z[i][a == j].var(axis=0), 1e-12) / typical))) for j in (0, 1)]
         susp = int(np.argmax(compression))
         gap = compression[susp] - compression[1 - susp]
-        weight = max(sil, 0.0) * max(gap, 0.0)
         d = np.linalg.norm(z[i][:, None, :] - km.cluster_centers_[None], axis=2)
-        scores[i] = weight * (d[:, 1 - susp] - d[:, susp]) / (d[:, 1 - susp] + d[:, susp] + 1e-12)
+        closeness[i] = d[:, 1 - susp] / (d[:, 1 - susp] + d[:, susp] + 1e-12)
         parts[c] = i[a == susp]
-        per_class[c] = {"n": len(i), "silhouette": round(sil, 4), "suspicious_share": round(float(sizes[susp] / len(i)), 4),
-                        "compression": round(compression[susp], 4), "gap": round(gap, 4), "weight": round(weight, 4)}
-    weights = np.array([per_class[c]["weight"] for c in classes])
-    zw = _robust_z(weights) if len(classes) >= 3 else np.zeros(len(classes))
+        per_class[c] = {"n": len(i), "size_excess": size_excess, "silhouette": round(sil, 4),
+                        "suspicious_share": round(float(sizes[susp] / len(i)), 4), "compression": round(compression[susp], 4),
+                        "gap": round(gap, 4), "split_weight": round(max(sil, 0.0) * max(gap, 0.0), 4)}
+    key = "size_excess" if classes == "size" else "split_weight"
+    evidence = np.array([per_class[c][key] for c in labels_present])
+    if len(labels_present) < 3:
+        zw = np.zeros(len(labels_present))
+    elif classes == "size":  # on the raw sizes, with a floor of 5% of the median size on their spread
+        n = np.array([len(idx[c]) for c in labels_present], dtype=np.float64)
+        zw = (n - median_size) / max(MAD_TO_SIGMA * float(np.median(np.abs(n - median_size))), 0.05 * median_size)
+    else:
+        zw = _robust_z(evidence)
+    scores = np.zeros(len(y))
     flagged = np.zeros(len(y), dtype=bool)
     poisoned = []
-    for c, zc in zip(classes, zw):
-        per_class[c]["weight_z"] = round(float(zc), 3) if np.isfinite(zc) else float("inf")
-        hit = c in parts and per_class[c]["weight"] > 0 and zc > outlier
+    for c, e, zc in zip(labels_present, evidence, zw):
+        per_class[c]["evidence_z"] = round(float(zc), 3) if np.isfinite(zc) else float("inf")
+        scores[idx[c]] = e * closeness[idx[c]]
+        hit = c in parts and e > 0 and zc > outlier
         per_class[c]["flagged"] = int(len(parts[c])) if hit else 0
         if hit:
             flagged[parts[c]] = True
             poisoned.append(c)
+    sizes_all = np.array([len(idx[c]) for c in labels_present], dtype=np.float64)
+    rest = sizes_all[~np.isin(labels_present, poisoned)] if poisoned else sizes_all
+    imbalance = float(MAD_TO_SIGMA * np.median(np.abs(rest - np.median(rest))) / max(np.median(rest), 1.0))
     return {"scores": scores, "flagged": flagged, "per_class": per_class, "poisoned_classes": poisoned,
-            "outlier": float(outlier), "n_classes": len(classes)}
+            "outlier": float(outlier), "n_classes": len(labels_present), "classes": classes, "imbalance": imbalance}
 
 
 def split_warnings(info: dict[str, Any]) -> list[str]:
@@ -381,11 +411,21 @@ def split_warnings(info: dict[str, Any]) -> list[str]:
         notes.append(f"{info['n_classes']} class(es): a poisoned class is recognised by comparison with the others "
                      "(at least 3 needed); nothing is flagged")
         return notes
+    if info["classes"] == "size" and info["imbalance"] > IMBALANCED_CV:
+        notes.append(f"the classes are imbalanced (robust spread of the sizes {info['imbalance']:.0%} of their median): "
+                     "the size evidence (all-to-one poisoning enlarges the target class) is unreliable; "
+                     "use classes='attention'")
     if not info["poisoned_classes"]:
-        best = max(pc, key=lambda c: pc[c]["weight"])
-        notes.append(f"no class's split stands out (largest modified z-score {pc[best]['weight_z']:.2f}, class {best}, "
-                     f"needs > {info['outlier']:g}): no class holds a cluster whose attention is pinned as a trigger "
-                     "pins it; nothing is flagged, and the scores rank classes with weak evidence")
+        key = "size_excess" if info["classes"] == "size" else "split_weight"
+        best = max(pc, key=lambda c: pc[c][key])
+        what = ("is over-represented (an all-to-one target)" if info["classes"] == "size"
+                else "holds a cluster whose attention is pinned as a trigger pins it")
+        notes.append(f"no class stands out (largest modified z-score {pc[best]['evidence_z']:.2f}, class {best}, "
+                     f"needs > {info['outlier']:g}): no class {what}; nothing is flagged")
+    for c in info["poisoned_classes"]:
+        if pc[c].get("silhouette", 0.0) < 0.1:
+            notes.append(f"class {c}: its samples do not split into two clusters (silhouette {pc[c].get('silhouette', 0.0):.2f}"
+                         " < 0.10): the flagged half is arbitrary")
     for c in info["poisoned_classes"]:
         if pc[c]["gap"] < UNSURE_GAP:
             notes.append(f"class {c}: which of its two clusters is poisoned is uncertain (the suspicious cluster's most "
@@ -405,8 +445,9 @@ class AttentionEntropyDetails(ResultDetails):
     """What the filter decided. ``method``: ``"split"`` or ``"bye"``. For ``"bye"``: the layers used
     (and whether that was the all-layer fallback), every layer's entropy mixture, clean mode and
     direction, the score mixture and the flagging threshold. For ``"split"``: ``per_class`` (each
-    class's silhouette, suspicious share, compression, orientation gap, weight, its modified
-    z-score and how many samples were flagged) and ``poisoned_classes``; the per-layer mixtures
+    class's size excess, silhouette, suspicious share, compression, orientation gap, split
+    weight, the modified z-score of its evidence and how many samples were flagged),
+    ``classes`` (the class evidence used) and ``poisoned_classes``; the per-layer mixtures
     are still reported (BYE's bimodality test, for reference). Per sample: ``entropy`` (mean
     entropy over the layers used), ``layer_entropy`` (N x L) and ``head_entropy`` (N x L x heads)."""
 
@@ -425,6 +466,7 @@ class AttentionEntropyDetails(ResultDetails):
     method: str = "split"
     head_entropy: torch.Tensor | None = None
     per_class: dict[int, dict[str, Any]] = field(default_factory=dict)
+    classes: str | None = None
     poisoned_classes: list[int] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -448,9 +490,12 @@ class AttentionEntropyFilter(DataFilter):
 
     - ``"split"`` (default; :func:`split_scores`): per class, 2-means on the per-head
       CLS-attention entropies; the cluster with the most compressed head (relative to the other
-      classes) is suspicious, and a class whose split stands out among the classes is flagged.
-      It reads BYE's premise (a trigger pins the attention) per head and in either direction
-      and does not assume the sign; it uses the data set's labels, not the ground truth.
+      classes) is suspicious. The poisoned class is the one that stands out among the classes:
+      by its size (``classes="size"``, default: all-to-one poisoning enlarges the target class;
+      assumes roughly balanced clean classes) or by how clearly it splits
+      (``classes="attention"``). It reads BYE's premise (a trigger pins the attention) per head
+      and in either direction and does not assume the sign; it uses the data set's labels, not
+      the ground truth.
     - ``"bye"``: BYE's rule as the paper states it, per layer on head-averaged entropies: a
       layer is sensitive if its 2-component GMM is bimodal, the score is the mean entropy over
       the sensitive layers, the low-entropy cluster of a GMM on it is flagged
@@ -475,7 +520,9 @@ class AttentionEntropyFilter(DataFilter):
         direction: for ``"bye"``: ``"low"`` (BYE, the default of that method), ``"both"`` or
             ``"high"``; ``InputError`` with ``method="split"``.
         separation: the bimodality factor (2 in the paper), for ``"bye"`` and the per-layer report.
-        outlier: for ``"split"``: the modified z-score a class's weight must exceed (3.5).
+        classes: for ``"split"``: the evidence that picks the poisoned class, ``"size"`` or
+            ``"attention"`` (see :func:`split_scores`).
+        outlier: for ``"split"``: the modified z-score a class's evidence must exceed (3.5).
         layers: indices of the layers to use (``"bye"``: instead of the bimodality selection;
             ``"split"``: whose heads enter the profile).
         batch_size, progress: batching and progress bar of the forward passes.
@@ -484,17 +531,21 @@ class AttentionEntropyFilter(DataFilter):
     ``details.warnings`` lists every failed premise and a ``RuntimeWarning`` repeats them;
     ``details.confident`` is True when there are none. ``"bye"``: no bimodal layer, scores not
     bimodal, the flagged cluster a majority or half of the data, layers deviating in opposite
-    directions. ``"split"``: no class stands out (nothing flagged), the orientation margin of a
-    flagged class below log 2, the flagged cluster a majority of its class, several classes
-    flagged, fewer than 3 classes. ``threshold``: ``"bye"``: flagged iff ``score >= threshold``;
+    directions. ``"split"``: no class stands out (nothing flagged), imbalanced classes (with
+    ``classes="size"``), a flagged class that does not split (silhouette < 0.1), its orientation
+    margin below log 2, the flagged cluster over 65% of its class, several classes flagged,
+    fewer than 3 classes. ``threshold``: ``"bye"``: flagged iff ``score >= threshold``;
     ``"split"``: None (flags are per class).
     """
 
     def __init__(self, separation: float = 2.0, layers: list[int] | None = None, batch_size: int = 256,
                  seed: int = 0, progress: bool = True, direction: str | None = None, method: str | None = None,
-                 outlier: float = OUTLIER_Z):
+                 outlier: float = OUTLIER_Z, classes: str = "size"):
         self.separation = check_positive(separation, "separation")
         self.outlier = check_positive(outlier, "outlier")
+        if classes not in CLASS_EVIDENCE:
+            raise InputError(f"classes must be one of {CLASS_EVIDENCE}, got {classes!r}")
+        self.classes = classes
         if layers is not None and (isinstance(layers, (str, bytes)) or not layers
                                    or not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in layers)):
             raise InputError(f"layers must be a non-empty list of layer indices, got {layers!r}")
@@ -528,13 +579,14 @@ class AttentionEntropyFilter(DataFilter):
         if self.method == "split":
             use = list(range(e.shape[1])) if self.layers is None else self.layers
             split = split_scores(heads[:, use].reshape(len(heads), -1).double().numpy(), read["labels"].numpy(),
-                                 self.seed, self.outlier)
+                                 self.seed, self.outlier, self.classes)
             notes = split_warnings(split)
             if notes:
                 warnings.warn("attention_entropy: " + "; ".join(notes), RuntimeWarning, stacklevel=2)
             details = AttentionEntropyDetails(
                 layers=[names[j] for j in use], layer_indices=use, fallback=False, threshold=None,
-                score="per class: split weight x closeness to the cluster with the most compressed head (per-head entropy)",
+                score=f"class evidence ({self.classes}) x relative closeness to the class's cluster with the most "
+                      "compressed head (per-head entropy)", classes=self.classes,
                 entropy=torch.from_numpy(e[:, use].mean(axis=1)), per_class=split["per_class"],
                 poisoned_classes=split["poisoned_classes"], warnings=notes, **common)
             return FilterResult(torch.from_numpy(split["scores"]).float(), torch.from_numpy(split["flagged"]), details)
