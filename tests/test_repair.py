@@ -245,6 +245,48 @@ def test_jump_score():
     assert jump_score([1.0, 0.2, 0.1]) < 0
 
 
+# --------------------------------------------------------------------------- lr="auto": curvature
+def test_top_hessian_eigenvalue_matches_the_full_hessian():
+    """Power iteration on Hessian-vector products gives the largest eigenvalue of the exact Hessian."""
+    from robustkit.repair.finetune import top_hessian_eigenvalue
+
+    model, x, y = _tiny_problem()
+    net = nn.Sequential(nn.Flatten(), model)
+    data = ArrayDataset(x.view(8, 1, 1, 3), y)
+    shapes = [p.shape for p in model.parameters()]
+
+    def loss_of(flat):
+        w, b = flat[:6].view(shapes[0]), flat[6:].view(shapes[1])
+        return F.cross_entropy(F.linear(x, w, b), y, label_smoothing=0.1)
+
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    exact = float(torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss_of, flat)).max())
+    before = [p.detach().clone() for p in model.parameters()]
+    got = top_hessian_eigenvalue(net, data, batch_size=8, label_smoothing=0.1, iters=200)
+    assert got == pytest.approx(exact, rel=1e-3)
+    assert all(torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
+
+
+def test_top_hessian_eigenvalue_leaves_bn_statistics_and_modes_alone():
+    from robustkit.repair.finetune import top_hessian_eigenvalue
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)).eval()
+    data = ArrayDataset(torch.rand(12, 1, 6, 6), torch.arange(12) % 3)
+    stats = {k: v.clone() for k, v in net.state_dict().items()}
+    assert top_hessian_eigenvalue(net, data, batch_size=4, iters=3) > 0
+    assert not net.training and not net[1].training
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, stats[k]), k
+
+
+def test_lr_argument_is_checked():
+    for bad in ("fast", 0, -0.1, float("nan"), True):
+        with pytest.raises(InputError, match="lr must be"):
+            FTSAM(lr=bad)
+    assert FTSAM().lr == "auto" and FineTune().lr == 0.01
+
+
 # --------------------------------------------------------------------------- real backdoor
 @pytest.fixture(scope="module")
 def backdoored(digits16, victim):
@@ -273,6 +315,28 @@ def test_ftsam_removes_real_backdoor_and_leaves_input_alone(backdoored, digits16
     assert res.model is not model
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), f"{k} of the input model changed"
+
+
+def test_auto_lr_ftsam_removes_the_backdoor_of_a_large_lr_victim(digits16, victim):
+    """A victim recipe the other tests do not use: SGD lr 0.1 (the others: 0.01, 0.05), a 3x3
+    checkerboard at the bottom-right. FT-SAM with its default lr="auto" reads a larger step off the
+    victim's flatter minimum and lowers the ASR far below the backdoored value."""
+    from robustkit.backdoor import BadNets
+    from robustkit.models import PreActResNet18
+    from robustkit.repair.finetune import LR_AUTO_FRACTION, edge_of_stability_lr
+
+    atk = BadNets(size=3, pattern="checkerboard", position="bottom-right")
+    torch.manual_seed(1)
+    model, _, before = victim(PreActResNet18(in_channels=1, width=8), atk, digits16.train, digits16.test,
+                              epochs=8, lr=0.1, batch_size=64)
+    assert before.acc > 0.9 and before.asr > 0.9
+    res = FTSAM(epochs=30, batch_size=32, clean_ratio=0.1, eval_every=30).repair(
+        model, digits16.train, test_data=digits16.test, backdoor=atk, progress=False)
+    d = res.details
+    assert d["lr"] == pytest.approx(LR_AUTO_FRACTION * edge_of_stability_lr(d["sharpness"], 0.9))
+    assert d["lr"] > 0.01, "a flatter victim must get more than the paper's lr"
+    assert res.history[-1]["asr"] < 0.2 * before.asr, res.history
+    assert res.history[-1]["acc"] > before.acc - 0.08 and not res.collapsed
 
 
 def test_finetune_inplace_mutates_only_when_asked(backdoored, digits16):

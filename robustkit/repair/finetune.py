@@ -18,15 +18,27 @@ history (loss, train accuracy, and ACC / ASR / RA when test data and the attack 
 A further ``holdout_ratio`` share (default 5%), never trained on, guards against collapse: a
 held-out clean-accuracy drop above ``max_acc_drop`` (default 0.10) sets
 ``RepairResult.collapsed`` and warns (:mod:`robustkit.repair.guard`).
+
+``lr="auto"`` (FT-SAM's default; an option of :class:`FineTune`) sets the learning rate from the
+suspect's own sharpness instead of the paper's fixed 0.01 (issue #15, docs/repair.md):
+``lr = LR_AUTO_FRACTION * 2 (1 + momentum) / lambda_max``, where ``lambda_max`` is the top
+eigenvalue of the Hessian of the fine-tuning loss on the clean subset (:func:`top_hessian_eigenvalue`)
+and ``2 (1 + momentum) / lambda_max`` is the largest learning rate at which heavy-ball SGD is
+stable along that direction (the edge of stability). A victim trained with a larger learning rate
+sits in a flatter minimum and gets a proportionally larger fine-tuning step; the training recipe
+itself is never needed.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -35,7 +47,81 @@ from ..base import ModelRepair, RepairResult, ResultDetails
 from ..errors import InputError
 from ..registry import REPAIRS
 from ..training import Monitor, PlainStep, SAMStep, fit
+from ..utils import model_device
 from .guard import HOLDOUT_RATIO, MAX_ACC_DROP, check_bound, check_collapse, check_ratio, clean_accuracy, split_clean
+
+#: ``lr="auto"``: the fraction of the edge-of-stability learning rate ``2 (1 + momentum) / lambda_max``
+#: used. Chosen on the digits victims of ``benchmarks/ftsam_recipe.py`` (lr 0.01 and 0.05), checked
+#: on the CIFAR-10 subset victims; docs/repair.md has the numbers.
+LR_AUTO_FRACTION = 0.2
+#: ``lr="auto"`` never goes outside these bounds (a guard against a degenerate curvature estimate).
+LR_AUTO_BOUNDS = (1e-3, 0.2)
+#: The paper's learning rate: the fallback when the curvature estimate is not positive.
+PAPER_LR = 0.01
+
+
+# --------------------------------------------------------------------------- curvature
+def top_hessian_eigenvalue(model: nn.Module, data: Dataset, *, batch_size: int = 256, label_smoothing: float = 0.0,
+                           iters: int = 20, seed: int = 0) -> float:
+    """Largest Hessian eigenvalue of the mean cross-entropy over ``data`` (power iteration on
+    Hessian-vector products, Pearlmutter's double backprop).
+
+    The loss is the one fine-tuning minimises: the model in train mode (BatchNorm normalises with
+    the statistics of each batch, as SGD sees it), batches of ``batch_size`` in a fixed order,
+    ``label_smoothing`` as given. BatchNorm running statistics and every module's mode are
+    restored afterwards; the model's weights are not changed. Deterministic for a given ``seed``
+    (the start vector) up to float reduction order.
+    """
+    if iters < 1:
+        raise InputError(f"iters must be >= 1, got {iters!r}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise InputError("model has no trainable parameters")
+    device = model_device(model)
+    from ..data.arrays import to_tensors
+
+    x, y = to_tensors(data)
+    if x.shape[0] == 0:
+        raise InputError("the clean data set is empty")
+    batches = [(x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)) for i in range(0, len(x), batch_size)]
+    if len(batches) > 1 and len(batches[-1][0]) == 1:  # a 1-image batch has no BatchNorm statistics
+        batches = batches[:-1]
+    n = sum(len(b[0]) for b in batches)
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    modes = [(m, m.training) for m in model.modules()]
+    g = torch.Generator().manual_seed(seed)
+    v = [torch.randn(p.shape, generator=g).to(device) for p in params]
+    norm = torch.sqrt(sum((a * a).sum() for a in v))
+    v = [a / norm for a in v]
+    lam = 0.0
+    try:
+        model.train()
+        for _ in range(iters):
+            hv = [torch.zeros_like(p) for p in params]
+            for xb, yb in batches:
+                loss = F.cross_entropy(model(xb), yb, label_smoothing=label_smoothing) * (len(xb) / n)
+                grads = torch.autograd.grad(loss, params, create_graph=True)
+                dot = sum((a * b).sum() for a, b in zip(grads, v))
+                for acc, h in zip(hv, torch.autograd.grad(dot, params)):
+                    acc.add_(h)
+            lam = float(sum((a * b).sum() for a, b in zip(hv, v)))
+            norm = torch.sqrt(sum((a * a).sum() for a in hv))
+            if not torch.isfinite(norm) or norm == 0:
+                break
+            v = [a / norm for a in hv]
+    finally:
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+        for m, mode in modes:
+            m.training = mode
+    return lam
+
+
+def edge_of_stability_lr(sharpness: float, momentum: float) -> float:
+    """``2 (1 + momentum) / sharpness``: the largest learning rate at which heavy-ball SGD with this
+    momentum is stable on a quadratic of curvature ``sharpness``."""
+    return 2.0 * (1.0 + momentum) / sharpness
 
 
 # --------------------------------------------------------------------------- loop
@@ -85,6 +171,9 @@ class FineTuneDetails(ResultDetails):
     holdout_acc_after: float | None = None
     max_acc_drop: float | None = None
     collapsed: bool = False
+    lr: float | None = None
+    lr_rule: str = "given"
+    sharpness: float | None = None
 
 
 class _FineTuneRepair(ModelRepair):
@@ -92,7 +181,7 @@ class _FineTuneRepair(ModelRepair):
 
     uses_sam = False
 
-    def __init__(self, epochs: int = 100, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4,
+    def __init__(self, epochs: int = 100, lr: float | str = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4,
                  batch_size: int = 256, label_smoothing: float = 0.0, clean_ratio: float = 0.05,
                  schedule: str = "cosine", eval_every: int = 1, seed: int = 0, *,
                  max_acc_drop: float = MAX_ACC_DROP, holdout_ratio: float = HOLDOUT_RATIO):
@@ -100,7 +189,14 @@ class _FineTuneRepair(ModelRepair):
             raise InputError(f"clean_ratio must be in (0, 1], got {clean_ratio!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
-        self.epochs, self.lr, self.momentum, self.weight_decay = epochs, float(lr), float(momentum), float(weight_decay)
+        if isinstance(lr, str):
+            if lr != "auto":
+                raise InputError(f"lr must be a positive number or 'auto', got {lr!r}")
+        elif isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+            raise InputError(f"lr must be a positive number or 'auto', got {lr!r}")
+        else:
+            lr = float(lr)
+        self.epochs, self.lr, self.momentum, self.weight_decay = epochs, lr, float(momentum), float(weight_decay)
         self.batch_size, self.label_smoothing, self.clean_ratio = batch_size, float(label_smoothing), float(clean_ratio)
         self.schedule, self.eval_every, self.seed = schedule, int(eval_every), int(seed)
         self.max_acc_drop = check_bound(max_acc_drop, "max_acc_drop")
@@ -108,6 +204,23 @@ class _FineTuneRepair(ModelRepair):
 
     def _sam(self) -> dict[str, Any] | None:
         return None
+
+    def resolve_lr(self, model: nn.Module, subset: Dataset) -> tuple[float, str, float | None]:
+        """``(lr, rule, sharpness)``: the given ``lr``, or for ``lr="auto"``
+        ``LR_AUTO_FRACTION * 2 (1 + momentum) / lambda_max`` clipped to ``LR_AUTO_BOUNDS``, with
+        ``lambda_max`` the suspect's top Hessian eigenvalue of the fine-tuning loss on ``subset``
+        (the paper's 0.01 with a ``RuntimeWarning`` if the estimate is not positive)."""
+        if self.lr != "auto":
+            return float(self.lr), "given", None
+        lam = top_hessian_eigenvalue(model, subset, batch_size=self.batch_size, label_smoothing=self.label_smoothing,
+                                     seed=self.seed)
+        if not math.isfinite(lam) or lam <= 0:
+            warnings.warn(f"{type(self).__name__}: lr='auto' got a non-positive curvature estimate ({lam:.3g}); "
+                          f"using the paper's lr {PAPER_LR}", RuntimeWarning, stacklevel=3)
+            return PAPER_LR, "auto (fallback: paper's lr)", lam
+        lo, hi = LR_AUTO_BOUNDS
+        lr = min(hi, max(lo, LR_AUTO_FRACTION * edge_of_stability_lr(lam, self.momentum)))
+        return lr, f"auto: {LR_AUTO_FRACTION:g} x 2(1+momentum)/lambda_max", lam
 
     def repair(self, model: nn.Module, clean_data: Dataset, *, test_data: Dataset | None = None,
                backdoor: Any = None, num_classes: int | None = None, inplace: bool = False,
@@ -128,9 +241,10 @@ class _FineTuneRepair(ModelRepair):
         subset = split.train
         acc_before = clean_accuracy(model, split.holdout)
         net = model if inplace else copy.deepcopy(model)
+        lr, rule, sharpness = self.resolve_lr(net, subset)
         monitor = backdoor_monitor(test_data, backdoor, num_classes)
         history = finetune_loop(
-            net, subset, epochs=self.epochs, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
+            net, subset, epochs=self.epochs, lr=lr, momentum=self.momentum, weight_decay=self.weight_decay,
             batch_size=self.batch_size, label_smoothing=self.label_smoothing, schedule=self.schedule,
             sam=self._sam(), monitor=monitor, eval_every=self.eval_every, seed=self.seed, progress=progress,
             desc=type(self).__name__,
@@ -138,7 +252,8 @@ class _FineTuneRepair(ModelRepair):
         check = check_collapse(type(self).__name__, acc_before, net, split.holdout, self.max_acc_drop)
         per_epoch = math.ceil(len(subset) / self.batch_size)
         details = FineTuneDetails(len(subset), per_epoch, per_epoch * self.epochs, check.samples,
-                                  check.acc_before, check.acc_after, self.max_acc_drop, check.collapsed)
+                                  check.acc_before, check.acc_after, self.max_acc_drop, check.collapsed,
+                                  lr, rule, sharpness)
         return RepairResult(net, history, details, collapsed=check.collapsed)
 
     def __repr__(self) -> str:
@@ -182,7 +297,7 @@ class FTSAM(_FineTuneRepair):
     uses_sam = True
 
     def __init__(self, rho: float = 2.0, eta: float = 0.01, adaptive: bool = True, epochs: int = 100,
-                 lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4, batch_size: int = 256,
+                 lr: float | str = "auto", momentum: float = 0.9, weight_decay: float = 5e-4, batch_size: int = 256,
                  label_smoothing: float = 0.1, clean_ratio: float = 0.05, schedule: str = "cosine",
                  eval_every: int = 1, seed: int = 0, *, max_acc_drop: float = MAX_ACC_DROP,
                  holdout_ratio: float = HOLDOUT_RATIO):
