@@ -2,12 +2,19 @@
 
 :class:`AttentionEntropyFilter` - after BYE ("Backdoor Cleaning without External Guidance in
   MLLM Fine-tuning", NeurIPS 2025), in its ViT-classifier form: a trigger makes the CLS token's
-  attention over the patches collapse onto the trigger (low entropy). Per sample and layer the
-  CLS-to-patch attention is averaged over heads, renormalized and its entropy
-  ``H = -sum p log(p + 1e-8)`` taken; layers whose entropies are bimodal (2-component GMM with
-  ``|mu1 - mu2| > 2 (sigma1 + sigma2)``) are "sensitive"; a sample's entropy score is the mean
-  over sensitive layers; a 2-component GMM on those scores flags the low-entropy cluster (as a
-  lower tail, see :func:`low_cluster`).
+  attention over the patches collapse onto the trigger (low entropy). Per sample, layer and
+  head the CLS-to-patch attention is renormalized and its entropy ``H = -sum p log(p + 1e-8)``
+  taken (BYE averages the heads' maps first: :func:`cls_attention_entropy`).
+
+  - ``method="split"`` (default, :func:`split_scores`): per labelled class, 2-means on the
+    per-head entropy profiles; the cluster with the most compressed (pinned) head is
+    suspicious; the class that stands out (by its size under all-to-one poisoning, or by its
+    split) is flagged. Two-sided, per head, per class: our departure from the paper, for the
+    reasons measured in docs/filtering.md.
+  - ``method="bye"`` (:func:`entropy_scores`): the paper's rule - layers whose head-averaged
+    entropies are bimodal (2-component GMM with ``|mu1 - mu2| > 2 (sigma1 + sigma2)``) are
+    "sensitive"; a sample's score is the mean over sensitive layers; a 2-component GMM on those
+    scores flags the low-entropy cluster (as a lower tail, see :func:`low_cluster`).
 
 Every filter (here, :mod:`.activation_clustering`, :mod:`.spectral_signatures`) returns a
 :class:`~robustkit.base.FilterResult` whose ``scores`` are oriented the same way - **higher is more suspicious** - so AUROCs compare; ``details`` holds what was chosen
