@@ -54,8 +54,9 @@ from .guard import HOLDOUT_RATIO, MAX_ACC_DROP, check_bound, check_collapse, che
 #: used. Chosen on the digits victims of ``benchmarks/ftsam_recipe.py`` (lr 0.01 and 0.05), checked
 #: on the CIFAR-10 subset victims; docs/repair.md has the numbers.
 LR_AUTO_FRACTION = 0.2
-#: ``lr="auto"`` never goes outside these bounds (a guard against a degenerate curvature estimate).
-LR_AUTO_BOUNDS = (1e-3, 0.2)
+#: ``lr="auto"`` never goes outside these bounds (a guard against a degenerate curvature estimate:
+#: an lr-0.1 digits victim read as lambda_max < 4 gave lr 0.2, at which FT-SAM diverged).
+LR_AUTO_BOUNDS = (1e-3, 0.1)
 #: The paper's learning rate: the fallback when the curvature estimate is not positive.
 PAPER_LR = 0.01
 
@@ -265,8 +266,10 @@ class _FineTuneRepair(ModelRepair):
 class FineTune(_FineTuneRepair):
     """Vanilla fine-tuning on a class-balanced clean subset: the baseline of FT-SAM's Table 1.
 
-    Same budget as :class:`FTSAM` (SGD lr 0.01, momentum 0.9, weight decay 5e-4, batch 256,
-    cosine schedule, 5% clean data) but plain cross-entropy steps without label smoothing.
+    Same budget as :class:`FTSAM` (SGD momentum 0.9, weight decay 5e-4, batch 256, cosine
+    schedule, 5% clean data) but plain cross-entropy steps without label smoothing. The default
+    lr stays the paper's 0.01 (its vanilla-FT baseline); ``lr="auto"`` applies FT-SAM's rule
+    (the sharpness of the plain cross-entropy), for a comparison at the same step size rule.
     """
 
 
@@ -274,24 +277,31 @@ class FineTune(_FineTuneRepair):
 class FTSAM(_FineTuneRepair):
     """FT-SAM (Zhu et al., ICCV 2023): fine-tuning with adaptive sharpness-aware minimization.
 
-    Defaults are the paper's CIFAR-10 setting: ``rho = 2`` (use 8 for GTSRB / Tiny-ImageNet),
-    SGD lr 0.01, momentum 0.9, weight decay 5e-4, batch 256, 100 epochs, cosine schedule,
-    label smoothing 0.1, 5% class-balanced clean data. ``T_w = |w| + eta`` on weight tensors
-    (``eta = 0.01`` as in the ASAM code FT-SAM builds on; biases are unscaled); on the
-    second (perturbed) forward pass BatchNorm running statistics are not updated
-    (momentum 0). Epochs here are passes over the clean subset, so with small data keep the
-    number of *steps* in mind (``details['steps_per_epoch']``, ``details['steps']``): the
+    Defaults are the paper's CIFAR-10 setting except the learning rate: ``rho = 2`` (use 8 for
+    GTSRB / Tiny-ImageNet), SGD momentum 0.9, weight decay 5e-4, batch 256, 100 epochs, cosine
+    schedule over the whole budget, label smoothing 0.1 (on both passes), 5% class-balanced clean
+    data. ``T_w = |w| + eta`` on weight tensors (``eta = 0.01`` as in the ASAM code FT-SAM builds
+    on; biases are unscaled); on the second (perturbed) forward pass BatchNorm running statistics
+    are not updated (momentum 0). Epochs here are passes over the clean subset, so with small data
+    keep the number of *steps* in mind (``details['steps_per_epoch']``, ``details['steps']``): the
     paper's 100 epochs over 2,500 images at batch 256 are 1,000 SGD steps, 5% of a small set
     at batch 256 gives one step per epoch.
 
-    **Learning rate vs. the victim's.** The paper's lr 0.01 is the learning rate of its
-    victims (BackdoorBench trains them with SGD lr 0.01). Measured in
-    ``benchmarks/ftsam_recipe.py`` (docs/repair.md, "Why FT-SAM depends on the victim's
-    recipe"): on a victim trained with lr 0.05, FT-SAM at lr 0.01 leaves the backdoor
-    (ASR 99%) whatever the budget (3x the steps), the clean-set size (20%), label smoothing or
-    rho (8: ASR 57%, ACC -4); at the victim's own lr 0.05 it removes it (ASR 0.2%). On a
-    victim trained with lr 0.01, lr 0.05 over-shoots (ACC -8). Pass ``lr`` = the suspect's
-    training learning rate when it is known; the default stays the paper's.
+    **Learning rate: ``lr="auto"`` (default), a departure from the paper.** The paper uses SGD
+    lr 0.01, the learning rate its victims were trained with (BackdoorBench: SGD lr 0.01).
+    Measured in ``benchmarks/ftsam_recipe.py`` (docs/repair.md, issue #15): on a victim trained
+    with lr 0.05, FT-SAM at lr 0.01 leaves the backdoor (ASR 99% on digits) whatever the budget,
+    clean-set size, label smoothing or rho; at a larger lr it removes it. ``lr="auto"`` reads
+    the step off the suspect itself: ``lr = LR_AUTO_FRACTION (0.2) * 2 (1 + momentum) /
+    lambda_max``, with ``lambda_max`` the top Hessian eigenvalue of the fine-tuning loss on the
+    clean subset (:func:`top_hessian_eigenvalue`, 20 power iterations: about the cost of 20
+    epochs of plain fine-tuning on the subset, once). SGD with lr ``eta`` cannot settle where
+    the curvature exceeds ``2 (1 + momentum) / eta``, so a victim trained with a larger lr sits in
+    a flatter minimum (digits: lambda_max 58 at lr 0.01, 24 at lr 0.05) and gets a larger step
+    (0.013 and 0.031); a victim like the paper's gets about the paper's lr. The fraction 0.2 was
+    chosen on the digits victims and checked on the CIFAR-10 subset. Pass a number (e.g.
+    ``lr=0.01``) for the paper's exact setting; ``details['lr']`` / ``details['sharpness']``
+    say what was used.
     """
 
     uses_sam = True
