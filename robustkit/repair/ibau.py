@@ -50,7 +50,7 @@ ball); ``H`` and the mixed term are evaluated on the current outer batch (a stoc
 the reference code evaluates its fixed-point map on one batch), ``mu`` on the whole clean subset;
 every image of a batch gets ``delta`` in the outer loss (the paper's objective; the reference code
 perturbs 1% of each batch: ``perturb_ratio``). Where CG meets non-positive curvature (``delta`` is not
-a strict local maximizer, e.g. an inexact inner solution; 3-15 of 15 steps on the digits victims) the
+a strict local maximizer, e.g. an inexact inner solution; 3-6 of 15 steps on the digits victims) the
 implicit function theorem does not apply and the step uses the direct term alone (``u = 0``; Danskin's
 gradient), counted in ``details.negative_curvature_steps``.
 
