@@ -7,6 +7,7 @@ differs is the :class:`~robustkit.training.steps.TrainStep` and the callbacks.
 
 from __future__ import annotations
 
+import gc
 import time
 from typing import Any, Callable, Iterable, Sequence
 
@@ -171,6 +172,13 @@ def fit(
                 history.append(row)
         finally:
             bar.close()
+            if runner is not model:
+                # Release DistributedDataParallel now, while the interpreter is whole: its reducer holds the
+                # process group and the gradient hook's Python futures, and when a reference cycle
+                # left it to the collector at interpreter exit, a gloo worker thread's teardown aborted
+                # the process ("terminate called without an active exception") about one run in 13.
+                runner = model
+                gc.collect()
     finally:
         step.shard = None
         for p, flag in saved_flags:
