@@ -98,8 +98,13 @@ model = Net()
 init = {k: v.clone() for k, v in model.state_dict().items()}
 step = TRADESStep(eps=16 / 255, steps=3) if method == "trades" else PGDATStep(eps=16 / 255, steps=3)
 monitor = RobustAccuracy(d.test, n_samples=40, steps=2, batch_size=16)  # sharded across the ranks, gathered
+import gc
+from torch.nn.parallel import DistributedDataParallel
+gc.disable()  # fit itself must free its DDP wrapper: one left in a reference cycle aborted a rank at exit
 hist = fit(model, train, step, epochs=1, lr=0.1, batch_size=32, schedule="constant", progress=False, seed=3,
            callbacks=[monitor])
+assert not any(isinstance(o, DistributedDataParallel) for o in gc.get_objects()), "fit left its DDP wrapper alive"
+gc.enable()
 if int(os.environ.get("RANK", "0")) == 0:
     torch.save({"init": init, "state": model.state_dict(), "history": hist}, out)
 if world > 1:
