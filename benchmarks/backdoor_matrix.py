@@ -11,14 +11,26 @@ x victim recipes {SGD lr 0.01, SGD lr 0.05} x {digits, the genuine CIFAR-10 subs
   clustering and spectral signatures (``squared`` = the paper, ``signed``), and IBM ART's
   ``ActivationDefence`` / ``SpectralSignatureDefense`` on exactly the same feature matrix
   (benchmark-only peer, benchmarks/_art_peer.py): TPR / FPR / AUROC and wall time.
-- **Attention filter** (SmallViT victims, dim 64, depth 4, patch 4, AdamW lr 1e-3): the
-  two-sided attention-entropy filter (``direction="both"``) and BYE's one-sided rule
-  (``"low"``, the default).
+- **Attention filter** (SmallViT victims, dim 64, depth 4, 4 heads, patch 4, AdamW lr 1e-3),
+  three columns: ``attention_entropy`` = the filter's default (``method="split"``: per-class
+  2-means on the per-head CLS-attention entropies, the class picked by its size),
+  ``attention_entropy_bye_low`` = BYE's rule as the paper states it (``method="bye"``,
+  ``direction="low"``) and ``attention_entropy_bye_both`` = its two-sided variant
+  (``method="bye"``, ``direction="both"``). The rows record the split's poisoned class, the
+  target class's split (silhouette, orientation gap, flagged share) and ``confident``; BYE's
+  rows the layers used and the per-layer GMM gaps. Per victim, the head-averaged and per-head
+  entropies with labels and ground truth go to ``<out without .json>/entropy_*.npz``.
 
     python benchmarks/backdoor_matrix.py --part cnn --datasets digits --threads 1
     python benchmarks/backdoor_matrix.py --part cnn --datasets cifar --data ../shared/data/cifar10_subset.npz
     python benchmarks/backdoor_matrix.py --part vit --datasets digits cifar --data ../shared/data/cifar10_subset.npz
     python benchmarks/backdoor_matrix.py --merge a.json b.json c.json --out benchmarks/reference/backdoor_matrix.json
+
+``--merge`` concatenates the rows of the files in order (a file that is itself a merge is
+read run by run); a victim (data, attack, victim recipe, model) found in a later file replaces
+every row of that victim from the earlier files, and a run none of whose rows survive moves to
+``superseded_runs``. So re-running a part and merging the reference with the new file
+replaces exactly the re-run victims.
 
 Scale (CPU budget: 2 shared cores): 16x16 images, width-8 PreActResNet18, victims trained
 ``--victim-epochs`` (default 20) epochs, ViTs 20 epochs. Every figure from the CIFAR-10 subset is
@@ -55,6 +67,12 @@ REPAIRS = {
 EXTRA_REPAIRS = ("ft_sam_victim_lr",)
 VIT = {"name": "small_vit", "image_size": 16, "patch_size": 4, "dim": 64, "depth": 4, "heads": 4}
 VIT_RECIPE = {"epochs": 20, "lr": 1e-3, "optimizer": "adamw", "weight_decay": 0.05, "warmup_epochs": 2}
+# the attention-entropy filter's columns: its default (the per-class split) and BYE's rule, one- and two-sided
+VIT_FILTERS = {
+    "attention_entropy": {},
+    "attention_entropy_bye_low": {"method": "bye", "direction": "low"},
+    "attention_entropy_bye_both": {"method": "bye", "direction": "both"},
+}
 
 
 def _caught(fn):
@@ -167,23 +185,37 @@ def run_vit(data, dname, attacks, epochs, log, save_dir: Path, save=lambda rows:
         model = robustkit.MODELS.build({**VIT, "in_channels": data.channels, "num_classes": data.num_classes})
         _, _, sec = _caught(lambda: train(model, poisoned, progress=False, seed=0, **dict(VIT_RECIPE, epochs=epochs)))
         before = backdoor_metrics(model, atk, data.test)
-        base = {"data": dname, "attack": aname, "recipe": f"vit-p{VIT['patch_size']}", "model": "small_vit"}
+        side, p = VIT["image_size"], VIT["patch_size"]
+        base = {"data": dname, "attack": aname, "recipe": f"vit-p{p} {side}x{side} ({(side // p) ** 2} tokens)",
+                "model": "small_vit"}
         rows.append({**base, "kind": "victim", "acc": before.acc, "asr": before.asr, "ra": before.ra, "seconds": sec})
         log(f"{dname:6} {aname:8} vit     victim            ACC {100 * before.acc:5.1f} ASR {100 * before.asr:5.1f} {sec:6.1f}s")
-        for fname, fspec in (("attention_entropy", {"direction": "both"}), ("attention_entropy_low", {"direction": "low"})):
+        target = int(getattr(atk, "target", 0))
+        for fname, fspec in VIT_FILTERS.items():
             res, warns, fsec = _caught(lambda: robustkit.FILTERS.build({"name": "attention_entropy", "progress": False,
                                                                          **fspec}).fit(model, poisoned))
             d = res.details
-            rows.append({**base, "kind": "filter", "method": fname, **_filter_row(res.flagged.numpy(), res.scores.numpy(), truth),
-                         "seconds": fsec, "warnings": list(d["warnings"]), "layers": d["layers"], "fallback": d["fallback"],
-                         "directions": [r["direction"] for r in d["per_layer"]],
-                         "layer_gap": [round(r["gap"], 2) for r in d["per_layer"]]})
-            r = rows[-1]
-            log(f"{'':24} {fname:22} TPR {100 * r['tpr']:5.1f} FPR {100 * r['fpr']:5.1f} AUROC {r['auroc']:.3f} "
-                f"layers {d['layer_indices']} {r['directions']} gaps {r['layer_gap']}" + ("  [warned]" if r["warnings"] else ""))
+            row = {**base, "kind": "filter", "method": fname, "spec": dict(fspec),
+                   **_filter_row(res.flagged.numpy(), res.scores.numpy(), truth), "seconds": fsec,
+                   "warnings": list(d["warnings"]), "confident": bool(d.confident)}
+            if d["method"] == "split":
+                tc = d["per_class"].get(target, {})
+                row.update(poisoned_classes=list(d["poisoned_classes"]), target=target,
+                           target_class={k: tc[k] for k in ("n", "silhouette", "suspicious_share", "gap", "evidence_z",
+                                                            "flagged") if k in tc})
+                what = (f"class(es) {row['poisoned_classes']} target split sil {tc.get('silhouette', float('nan')):.2f} "
+                        f"gap {tc.get('gap', float('nan')):.2f}")
+            else:
+                row.update(layers=d["layers"], fallback=d["fallback"],
+                           directions=[r["direction"] for r in d["per_layer"]],
+                           layer_gap=[round(r["gap"], 2) for r in d["per_layer"]])
+                what = f"layers {d['layer_indices']} {row['directions']} gaps {row['layer_gap']}"
+            rows.append(row)
+            log(f"{'':24} {fname:26} TPR {100 * row['tpr']:5.1f} FPR {100 * row['fpr']:5.1f} AUROC {row['auroc']:.3f} "
+                f"{fsec:5.1f}s {what}" + ("" if row["confident"] else "  [warned]"))
         save_dir.mkdir(parents=True, exist_ok=True)
-        np.savez(save_dir / f"entropy_{dname}{data.image_size[0]}_{aname}_p{VIT['patch_size']}.npz",
-                 entropy=res.details["layer_entropy"].numpy(), truth=truth)
+        np.savez(save_dir / f"entropy_{dname}{side}_{aname}_p{p}.npz", entropy=d["layer_entropy"].numpy(),
+                 head_entropy=d["head_entropy"].numpy(), labels=poisoned.labels.numpy(), truth=truth)
         save(rows)
     return rows
 
@@ -227,6 +259,13 @@ def tables(rows: list[dict]) -> str:
                     out.append(f"| {m} | {dn} | {rc} | {100 * drop:.1f} | {100 * np.mean([r['asr'] for r in rs]):.1f} | "
                                f"{100 * max(r['asr'] for r in rs):.1f} | {sum(r['collapsed'] for r in rs)}/{len(rs)} | "
                                f"{np.mean([r['seconds'] for r in rs]):.0f} |")
+    vits = [r for r in rows if r["kind"] == "victim" and r["model"] == "small_vit"]
+    if vits:
+        out.append("")
+        out.append("| data | attack | ViT victim | ACC / ASR | training s |")
+        out.append("| --- | --- | --- | --- | --- |")
+        out += [f"| {r['data']} | {r['attack']} | {r['recipe']} | {_pct(r['acc'])} / {_pct(r['asr'])} | {r['seconds']:.0f} |"
+                for r in vits]
     fil = [r for r in rows if r["kind"] == "filter"]
     if fil:
         methods = list(dict.fromkeys(r["method"] for r in fil))
@@ -243,6 +282,67 @@ def tables(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+# --------------------------------------------------------------------------- merging runs
+RUN_MODEL = {"cnn": "preact_resnet18_w8", "vit": "small_vit"}
+
+
+def _victim_key(row: dict) -> tuple:
+    return row["data"], row["attack"], row["recipe"], row["model"]
+
+
+def _row_in_run(row: dict, run: dict) -> bool:
+    """Whether ``row`` can come from ``run`` (its part's model, its data set and, for a ViT, its image and patch size)."""
+    if RUN_MODEL.get(run.get("part")) != row["model"] or row["data"] not in run.get("data", {}):
+        return False
+    if row["model"] == "small_vit":
+        side, p = run["vit"]["image_size"], run["vit"]["patch_size"]
+        return row["recipe"].startswith(f"vit-p{p} {side}x{side}")
+    return True
+
+
+def _runs_of(doc: dict) -> list[tuple[dict, list[dict]]]:
+    """``(run metadata, its rows)`` of one JSON file: a run of this script, or an earlier merge."""
+    if "runs" not in doc:
+        return [({k: v for k, v in doc.items() if k != "rows"}, list(doc["rows"]))]
+    out = [(dict(run), []) for run in doc["runs"]]
+    for r in doc["rows"]:
+        fits = [rows for run, rows in out if _row_in_run(r, run)]
+        if len(fits) != 1:
+            raise SystemExit(f"cannot tell which run of the merged file holds the row {_victim_key(r)} ({len(fits)} fit)")
+        fits[0].append(r)
+    return out
+
+
+def merge(docs: list[dict]) -> dict:
+    """Rows of ``docs`` in order; a victim in a later file replaces all of its rows from earlier files."""
+    kept: list[tuple[dict, list[dict]]] = []
+    superseded: list[dict] = []
+    for doc in docs:
+        superseded += doc.get("superseded_runs", [])
+        new = _runs_of(doc)
+        keys = {_victim_key(r) for _, rows in new for r in rows}
+        for _, rows in kept:
+            rows[:] = [r for r in rows if _victim_key(r) not in keys]
+        kept += new
+    return {"benchmark": "backdoor_matrix", "runs": [run for run, rows in kept if rows],
+            "superseded_runs": superseded + [run for run, rows in kept if not rows],
+            "rows": [r for _, rows in kept for r in rows]}
+
+
+def provenance(runs: list[dict]) -> str:
+    """One line per run: part, data, date, machine, load - for the head of the Markdown tables."""
+    out = []
+    for run in runs:
+        m = run.get("machine", {})
+        vit = (f", ViT {run['vit']['image_size']}x{run['vit']['image_size']} patch {run['vit']['patch_size']}, "
+               f"{run['vit_recipe']['epochs']} epochs") if run.get("part") == "vit" else f", victims {run.get('victim_epochs')} epochs"
+        load = run.get("loadavg")
+        out.append(f"- {run.get('part')}: {'; '.join(run.get('data', {}).values())}{vit}; {run.get('date', 'date not recorded')}; "
+                   f"{m.get('cpu_count', '?')}-vCPU {m.get('cpu_model', '?')}, {m.get('cpu_threads', '?')} torch thread(s)"
+                   + (f", load average {load[0]:.1f} (loaded)" if load else ""))
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     p = _common.parser(__doc__, "benchmarks/results/backdoor_matrix.json", "BadNets and Blended, lr 0.05 victims only")
     _common.add_data_option(p)
@@ -254,14 +354,23 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=16, help="image side (default 16, the CPU budget)")
     p.add_argument("--vit-epochs", type=int, default=VIT_RECIPE["epochs"])
     p.add_argument("--vit-patch", type=int, default=VIT["patch_size"], help="ViT patch size (2 on 16x16: 64 patch tokens)")
-    p.add_argument("--merge", nargs="*", default=None, help="JSON files of earlier runs: merge them into --out and print the tables")
+    p.add_argument("--merge", nargs="*", default=None,
+                   help="JSON files of earlier runs or merges: merge them into --out (later victims replace earlier ones) "
+                        "and print the tables")
+    p.add_argument("--md", default=None, help="also write the tables, headed by each run's data, date and machine, here")
+    p.add_argument("--note", default="", help="a line for the head of --md (e.g. what the machine is beyond its CPU name)")
     args = p.parse_args(argv)
     if args.merge:
-        runs = [json.loads(Path(f).read_text()) for f in args.merge]
-        rows = [r for run in runs for r in run["rows"]]
-        print(tables(rows))
-        _common.write_json(args.out, {"benchmark": "backdoor_matrix", "runs": [{k: v for k, v in run.items() if k != "rows"}
-                                                                              for run in runs], "rows": rows})
+        merged = merge([json.loads(Path(f).read_text()) for f in args.merge])
+        text = tables(merged["rows"])
+        print(text)
+        _common.write_json(args.out, merged)
+        if args.md:
+            from robustkit.io import atomic_write_text
+
+            atomic_write_text(args.md, "Generated by `python benchmarks/backdoor_matrix.py --merge ...` from these runs "
+                              "(single-threaded):\n\n" + provenance(merged["runs"]) + "\n\n"
+                              + (args.note + "\n\n" if args.note else "") + text + "\n")
         return 0
     _common.setup(args)
     import _bdata
@@ -269,13 +378,14 @@ def main(argv=None) -> int:
     attacks = ["badnets", "blended"] if args.quick else args.attacks
     recipes = ["lr0.05"] if args.quick else args.recipes
     rows, descs = [], {}
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     import _art_peer
 
     def log(msg):
         print(msg, flush=True)
 
     def save(new_rows):
-        _common.write_json(args.out, {"benchmark": "backdoor_matrix", "part": args.part, "data": descs,
+        _common.write_json(args.out, {"benchmark": "backdoor_matrix", "part": args.part, "data": descs, "date": date,
                                       "victim_epochs": args.victim_epochs, "victim": VICTIM, "recipes": RECIPES,
                                       "repairs": REPAIRS, "vit": VIT, "vit_recipe": dict(VIT_RECIPE, epochs=args.vit_epochs),
                                       "attacks": ATTACKS, "art": _art_peer.available(), "loadavg": os.getloadavg(),
