@@ -10,6 +10,7 @@ from torch import nn
 import robustkit
 from robustkit.attacks import PGD, AutoAttack
 from robustkit.base import EvasionAttack, Preprocessor
+from robustkit.errors import InputError
 from robustkit.eval import evaluate_defenses, robust_accuracy
 from robustkit.eval.robustbench import robustbench_entry
 from robustkit.models import SmallCNN
@@ -199,3 +200,25 @@ def test_stronger_attack_check_warns_when_more_steps_break_more():
     strong = {**weak, "alpha": 0.06, "steps": 2}
     ev = evaluate_defenses(ThresholdModel(), x, y, attacks=[strong], progress=False)
     assert not [c for c in ev.checks if c.check == "stronger attack"]  # nothing survived: nothing to re-attack
+
+
+def test_stronger_attack_check_images_caps_the_reattacked_survivors():
+    x = torch.full((8, 1, 2, 2), 0.45)
+    y = torch.zeros(8, dtype=torch.long)
+    weak = {"name": "pgd", "eps": 0.1, "alpha": 0.03, "steps": 1, "random_start": False}
+    ev = evaluate_defenses(ThresholdModel(), x, y, attacks=[weak], progress=False, check_images=3)
+    check = next(c for c in ev.checks if c.check == "stronger attack")
+    assert "broke 3 of the 3" in check.detail and "on up to 3 survivors" in check.detail
+    for bad in (0, 2.5, True):
+        with pytest.raises(InputError, match="check_images"):
+            evaluate_defenses(ThresholdModel(), x, y, attacks=[weak], progress=False, check_images=bad)
+
+
+def test_evaluate_step_check_images_is_validated():
+    from robustkit.errors import ConfigError
+    from robustkit.pipeline import validate_config
+
+    cfg = {"name": "t", "data": {"name": "digits", "size": 8}, "model": {"name": "small_cnn", "width": 4},
+           "steps": [{"evaluate": {"check_images": 0}}]}
+    with pytest.raises(ConfigError, match="check_images"):
+        validate_config(cfg)

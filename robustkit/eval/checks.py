@@ -17,6 +17,7 @@ from torch import nn
 
 from ..base import EvasionAttack
 from ..inference import eval_mode
+from ..validation import check_int
 
 
 @dataclass
@@ -87,6 +88,7 @@ def check_stronger_attack(label: str, model: nn.Module, attack: EvasionAttack, x
     """
     from .metrics import robust_accuracy
 
+    check_int(max_images, "max_images", minimum=1)
     if not all(hasattr(attack, k) for k in ("steps", "restarts")):
         return None
     survivors = torch.nonzero(robust_frac >= 1.0).flatten()[:max_images]

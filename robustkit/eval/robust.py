@@ -24,6 +24,7 @@ from ..base import EvasionAttack, format_eps
 from ..errors import ConfigError
 from ..preprocessing import build_preprocessor
 from ..registry import ATTACKS, PREPROCESSORS
+from ..validation import check_int
 from ..wrap import Defended, wrap
 from .checks import Check, check_stronger_attack, sanity_checks
 from .metrics import AttackResult, robust_accuracy
@@ -223,6 +224,7 @@ def evaluate_defenses(
     shard: tuple[int, int] | None = None,
     draws: int = 10,
     checks: bool = True,
+    check_images: int = 64,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     cascade: bool = False,
@@ -236,7 +238,8 @@ def evaluate_defenses(
     images that survive every adaptive attack (per image, its worst attack). Batch ``b`` is
     attacked with seed ``seed + b``, so the result is the same under ``torchrun`` sharding.
     ``checks``: run the gradient-masking sanity checks (:mod:`robustkit.eval.checks`) per defense,
-    including a stronger PGD on the images that survived the strongest adaptive PGD row of each norm.
+    including a stronger PGD on (at most ``check_images`` of) the images that survived the strongest
+    adaptive PGD row of each norm.
 
     ``cascade``: per defense and radius, run the adaptive attacks cheapest first (:func:`attack_cost`),
     each only on the images that every cheaper one left robust in at least one draw (on a deterministic
@@ -251,6 +254,7 @@ def evaluate_defenses(
     from ..registry import parse_number
 
     say = log or (lambda _msg: None)
+    check_int(check_images, "check_images", minimum=1)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     radii: list[float | None] = [None] if not eps else [parse_number(e, "eps") for e in eps]
     attack_specs = parse_attacks(attacks)
@@ -353,7 +357,8 @@ def evaluate_defenses(
                 top_eps = max(r["eps"] for r, _, _ in mine)
                 row, res, atk = min((p for p in mine if p[0]["eps"] == top_eps), key=lambda p: p[0]["accuracy"])
                 stronger = check_stronger_attack(d.label, defended, atk, x, y, res.robust_frac, seed=seed,
-                                                 draws=draws, batch_size=batch_size, shard=shard)
+                                                 draws=draws, batch_size=batch_size, shard=shard,
+                                                 max_images=check_images)
                 if stronger is not None:
                     found.append(stronger)
             all_checks.extend(found)
