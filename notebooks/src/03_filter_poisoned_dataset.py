@@ -5,8 +5,9 @@
 # notebook poisons the built-in digits (scikit-learn's real scans, no download) with **BadNets**,
 # trains a small Vision Transformer on them, and asks three filters which samples look poisoned:
 #
-# - **attention entropy** (BYE, NeurIPS 2025, in its ViT-classifier form): a trigger draws the CLS
-#   token's attention onto itself, so the entropy of the CLS-to-patch attention collapses;
+# - **attention entropy** (after BYE, NeurIPS 2025, in its ViT-classifier form): a trigger pins the
+#   CLS token's attention in the heads that read it, so the entropy of their CLS-to-patch attention
+#   is nearly the same on every poisoned image;
 # - **activation clustering** (Chen et al., 2019) and **spectral signatures** (Tran et al., 2018)
 #   on the penultimate features, which work for any classifier.
 #
@@ -72,8 +73,12 @@ print(f"victim: ACC {before.acc:.1%}  ASR {before.asr:.1%}")
 # ## 3. Run the filters
 # Every filter returns a `FilterResult`: per-sample `scores` (higher = more suspicious), a
 # `flagged` mask and `details`. The attention filter reads the attention maps through forward
-# hooks (no model edits), picks layers whose entropies are bimodal, and flags the low-entropy
-# cluster of a 2-component Gaussian mixture.
+# hooks (no model edits). Its default rule (`method="split"`) splits every class in two by the
+# per-head entropies of the CLS attention, calls the half with the most compressed (pinned) head
+# suspicious, and flags that half in the class that stands out - under all-to-one poisoning the
+# target class, enlarged by the poisoned samples. Its `details` say which class it chose, how
+# clearly that class split, and which of its premises failed (`warnings`; `confident` is True
+# when there are none). BYE's own rule is `AttentionEntropyFilter(method="bye")`.
 
 # %%
 filters = {
@@ -91,7 +96,15 @@ print(f"{'filter':22} {'TPR':>6} {'FPR':>6} {'prec':>6} {'F1':>6} {'AUROC':>6}")
 for name, m in rows:
     print(f"{name:22} {m['tpr']:6.1%} {m['fpr']:6.1%} {m['precision']:6.1%} {m['f1']:6.1%} {m['auroc']:6.3f}")
 ae = results["attention_entropy"].details
-print("layers used by the attention filter:", ae["layers"], "(fallback to all layers)" if ae["fallback"] else "")
+print(f"attention filter: method {ae['method']!r}, class evidence {ae['classes']!r}, "
+      f"poisoned class(es) {ae['poisoned_classes']}, confident: {ae.confident}")
+for c in ae["poisoned_classes"]:
+    pc = ae["per_class"][c]
+    print(f"  class {c}: {pc['n']} samples, split silhouette {pc['silhouette']:.2f}, "
+          f"{pc['flagged']} flagged ({pc['suspicious_share']:.0%} of the class), "
+          f"orientation margin {pc['gap']:.2f} nats (sure above log 2 = 0.69), evidence z-score {pc['evidence_z']:.1f}")
+for w in ae["warnings"]:
+    print("  warning:", w)
 
 # %% [markdown]
 # ## 4. Score histograms
