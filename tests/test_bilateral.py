@@ -503,3 +503,44 @@ def test_double_backward_is_refused_clearly(backend):
         torch.autograd.grad(bilateral_filter(x, 3, 0.1, 1.0, backend=backend).sum(), x, create_graph=True)
     (g,) = torch.autograd.grad(bilateral_filter(x, 3, 0.1, 1.0, backend=backend).sum(), x)  # first order still works
     assert torch.isfinite(g).all()
+
+
+@needs_numba
+def test_warm_up_compiles_what_real_calls_use():
+    """warm_up compiles the very specializations a real float32 call dispatches to (else the
+    first real call would compile again), on a thread when asked."""
+    from robustkit.preprocessing.kernels import bilateral_numba
+
+    thread = bilateral_numba.warm_up(background=True)
+    assert thread is not None
+    thread.join(timeout=300)
+    assert not thread.is_alive()
+    kernels = (bilateral_numba._forward_items, bilateral_numba._backward_items, bilateral_numba._fold_items)
+    before = [list(k.signatures) for k in kernels]
+    assert all(before), "warm_up compiled nothing"
+    for shape, kw in (((6, 1, 32, 32), {}), ((2, 3, 17, 9), {"distance": "l2", "window": "square"})):
+        x = torch.rand(*shape, requires_grad=True)
+        bilateral_filter(x, 5, 0.1, 1.5, backend="numba", **kw).sum().backward()
+    assert [list(k.signatures) for k in kernels] == before
+
+
+def test_warm_up_is_a_no_op_without_numba(monkeypatch):
+    from robustkit.preprocessing.kernels import bilateral_numba
+
+    monkeypatch.setattr(bilateral_numba, "available", lambda: False)
+    assert bilateral_numba.warm_up() is None
+
+
+def test_cli_warms_the_kernel_only_for_cpu_pipelines_with_a_bilateral_filter(monkeypatch):
+    from robustkit import cli
+    from robustkit.pipeline import load_config
+    from robustkit.preprocessing.kernels import bilateral_numba
+
+    calls = []
+    monkeypatch.setattr(bilateral_numba, "warm_up", lambda background=True: calls.append(background))
+    demo = load_config(cli.demo_config_path())
+    cli._warm_up_bilateral({**demo, "device": "cpu"})
+    assert calls == [True]
+    cli._warm_up_bilateral({**demo, "device": "cuda"})
+    cli._warm_up_bilateral({"device": "cpu", "steps": [{"train": {"epochs": 1}}]})
+    assert calls == [True]
