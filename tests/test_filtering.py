@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from robustkit.backdoor import BadNets
 from robustkit.models.introspect import attention_layers
 from robustkit.filtering import (
     ActivationClustering,
@@ -276,18 +277,28 @@ def poisoned_cnn(digits16, victim):
     return model, data
 
 
+class GreyPatch(BadNets):
+    """A fixed 4x4 patch of random grey levels (``torch.rand`` from seed 0): a trigger no other test uses."""
+
+    def patch(self, channels, dtype=torch.float32, device=None):
+        p = torch.rand(self.size, self.size, generator=torch.Generator().manual_seed(0))
+        return p.to(dtype=dtype, device=device).expand(channels, self.size, self.size)
+
+
 @pytest.fixture(scope="module")
 def poisoned_vit(victim):
-    """SmallViT (dim 64, depth 4) trained on 32x32 digits with 10% BadNets."""
-    from robustkit.backdoor import BadNets
+    """SmallViT (dim 64, depth 4, patch 4) trained on 16x16 digits with 10% of a random-grey 4x4
+    patch top-left (seed 0, 20 epochs: TPR 1.0, FPR <= 0.3%, orientation gap ~2.4 nats here,
+    stable under 1e-5 weight nudges; the former 32x32 3x3-white-patch victim sat at TPR 0.69
+    against the bound 0.6 and took 6x longer to train)."""
     from robustkit.data import digits
     from robustkit.models import SmallViT
 
-    d = digits(size=32)
+    d = digits(size=16)
     torch.manual_seed(0)
-    model = SmallViT(image_size=32, in_channels=1, patch_size=4, dim=64, depth=4, heads=4)
-    model, data, _ = victim(model, BadNets(size=3), d.train, d.test, epochs=15, lr=1e-3, optimizer="adamw",
-                            weight_decay=0.05, warmup_epochs=2)
+    model = SmallViT(image_size=16, in_channels=1, patch_size=4, dim=64, depth=4, heads=4)
+    model, data, _ = victim(model, GreyPatch(size=4, position="top-left"), d.train, d.test, epochs=20, lr=1e-3, optimizer="adamw",
+                            weight_decay=0.05, warmup_epochs=2, seed=0)
     return model, data
 
 
@@ -311,8 +322,8 @@ def test_attention_entropy_flags_poisoned_far_better_than_chance(poisoned_vit):
     model, data = poisoned_vit
     res = AttentionEntropyFilter(progress=False).fit(model, data)  # method="split"
     m = filter_metrics(res, data.is_poisoned)
-    assert m["auroc"] > 0.85, m
-    assert m["tpr"] > 0.6 and m["tpr"] > 4 * m["fpr"], m
+    assert m["auroc"] > 0.95, m  # 1.000 here
+    assert m["tpr"] > 0.9 and m["fpr"] < 0.05, m  # 1.0 / 0.0025 here
     assert res.details["poisoned_classes"] == [0] and len(res.details["per_layer"]) == 4
     assert res.details["head_entropy"].shape == (len(data), 4, 4)
     again = AttentionEntropyFilter(progress=False).fit(model, data)
