@@ -14,7 +14,7 @@
 # - robust accuracy against the attack radius, and what the filter does to images.
 #
 # The CLI equivalent is `robustkit demo` or `robustkit eval configs/eval_demo.yaml` (see
-# docs/guide_wrap_evaluate.md). Runs in about a minute on 2 quiet CPU cores with the defaults below
+# docs/guide_wrap_evaluate.md). Runs in about 80 s on 2 quiet CPU cores with the defaults below
 # (several times longer when other jobs compete for the cores); raise the sizes for tighter numbers.
 
 # %%
@@ -28,7 +28,7 @@ from robustkit.preprocessing import GaussianNoise, NoiseBilateral
 from robustkit.attacks import PGD, AutoAttack
 from robustkit.eval import robust_accuracy
 
-# sizes: the defaults keep the notebook at about a minute on 2 CPU cores
+# sizes: the defaults keep the notebook at about 80 s on 2 CPU cores
 N = 128            # test images attacked by every attack (the demo uses all 450)
 N_BENCHMARK = 16   # images for robustbench.eval.benchmark (full AutoAttack standard: the slowest part)
 EPOCHS = 8         # training epochs of the small CNN

@@ -15,7 +15,7 @@
 # the most suspicious images, and retrain on what is kept to see the backdoor go away.
 # The CLI equivalent is `robustkit run configs/filter_vit.yaml` or
 # `robustkit filter --model victim.pt --data poisoned.npz --out clean/` (see docs/guide_filter.md).
-# Runs in about 2-3 minutes on 2 CPU cores.
+# Runs in under 2 minutes on 2 quiet CPU cores.
 
 # %%
 import time
