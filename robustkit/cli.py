@@ -13,7 +13,7 @@ DEMO_HELP = """\
 Train a small CNN on scikit-learn's built-in digits (real 8x8 scans upsampled to 32x32;
 no download), wrap it with the noise + bilateral preprocessing defense, attack both with
 PGD (Linf and L2, and EOT-PGD for the randomized defense) and write report.json,
-report.md and PNG plots to the output folder. Takes 75-95 s on 2 CPU cores, most of it in
+report.md and PNG plots to the output folder. Takes about a minute on 2 CPU cores, most of it in
 the two EOT-PGD rows on the randomized defense; the first run after an install also compiles
 the fused bilateral kernel (~20 s once, overlapped with training).
 The run is driven by the bundled config configs/demo.yaml; `robustkit run` takes your own.

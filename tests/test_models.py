@@ -554,3 +554,28 @@ def test_eval_config_on_a_state_dict_and_an_npz_of_cifar_images(tmp_path):
     assert torch.equal(via_config, expected)
     rows = report.table("Clean and robust accuracy").rows
     assert rows[0]["accuracy"] == pytest.approx(float((expected == y).float().mean()))
+
+
+def test_small_cnn_channels_last_weights_compute_the_same_function():
+    """SmallCNN keeps its conv weights channels-last (speed); outputs, input gradients and a
+    state-dict round trip into a contiguous copy agree with the contiguous layout."""
+    import copy
+
+    from robustkit.models import SmallCNN
+
+    torch.manual_seed(0)
+    net = SmallCNN(in_channels=3, num_classes=10, width=8).eval()
+    assert net.body[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    ref = copy.deepcopy(net).to(memory_format=torch.contiguous_format)
+    assert ref.body[0][0].weight.is_contiguous()
+    x = torch.rand(4, 3, 12, 12, dtype=torch.float64)
+    net, ref = net.double(), ref.double()
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_a, out_b = net(xa), ref(xb)
+    torch.testing.assert_close(out_a, out_b, rtol=1e-10, atol=1e-10)
+    (ga,) = torch.autograd.grad(out_a.sum(), xa)
+    (gb,) = torch.autograd.grad(out_b.sum(), xb)
+    torch.testing.assert_close(ga, gb, rtol=1e-10, atol=1e-10)
+    fresh = SmallCNN(in_channels=3, num_classes=10, width=8).double().eval()
+    fresh.load_state_dict(ref.state_dict())
+    torch.testing.assert_close(fresh(x), out_b, rtol=1e-10, atol=1e-10)

@@ -30,6 +30,11 @@ class SmallCNN(nn.Module):
 
     ``features(x)`` returns the pooled ``2 * width`` penultimate features (activation
     clustering and spectral-signature filters read these). Any input size >= 4x4 works.
+
+    The conv weights are stored channels-last, so convolutions and pooling run on NHWC
+    activations (oneDNN's native layout on CPU: no reorder per call). On the demo's model (width
+    16, 32x32 digits, 2-vCPU EPYC) that made an attack pass (forward + input gradient, batches
+    of 256) ~2x faster and a training step ~1.6x; the function computed is the same.
     """
 
     def __init__(
@@ -54,6 +59,7 @@ class SmallCNN(nn.Module):
         )
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(2 * w, num_classes)
+        self.body.to(memory_format=torch.channels_last)
 
     def get_classifier(self) -> nn.Linear:
         """The last layer, ``classifier`` (timm-style accessor shared by robustkit models)."""
