@@ -268,11 +268,14 @@ def tables(rows: list[dict]) -> str:
                 for r in vits]
     fil = [r for r in rows if r["kind"] == "filter"]
     if fil:
-        methods = list(dict.fromkeys(r["method"] for r in fil))
+        # CNN feature filters (and their ART peers) first, the ViT attention columns after them;
+        # CNN victims' rows before ViT victims' rows, whatever order the merged runs came in
+        methods = sorted(dict.fromkeys(r["method"] for r in fil), key=lambda m: m.startswith("attention"))
+        vit_keys = {(r["data"], r["attack"], r["recipe"]) for r in fil if r["method"].startswith("attention")}
         out.append("")
         out.append("| data | attack | victim | " + " | ".join(methods) + " |")
         out.append("| --- | --- | --- | " + " | ".join("---" for _ in methods) + " |")
-        for key in dict.fromkeys((r["data"], r["attack"], r["recipe"]) for r in fil):
+        for key in sorted(dict.fromkeys((r["data"], r["attack"], r["recipe"]) for r in fil), key=lambda k: k in vit_keys):
             cells = []
             for m in methods:
                 r = next((r for r in fil if (r["data"], r["attack"], r["recipe"]) == key and r["method"] == m), None)
@@ -290,14 +293,32 @@ def _victim_key(row: dict) -> tuple:
     return row["data"], row["attack"], row["recipe"], row["model"]
 
 
+def _argv_values(run: dict, flag: str) -> list[str] | None:
+    """The values a run's command line gave ``flag`` (None when it was not given)."""
+    argv = list(run.get("argv") or [])
+    if flag not in argv:
+        return None
+    values = []
+    for a in argv[argv.index(flag) + 1:]:
+        if a.startswith("--"):
+            break
+        values.append(a)
+    return values
+
+
 def _row_in_run(row: dict, run: dict) -> bool:
-    """Whether ``row`` can come from ``run`` (its part's model, its data set and, for a ViT, its image and patch size)."""
+    """Whether ``row`` can come from ``run`` (its part's model, its data set, the attacks and victim
+    recipes its command line selected and, for a ViT, its image and patch size)."""
     if RUN_MODEL.get(run.get("part")) != row["model"] or row["data"] not in run.get("data", {}):
+        return False
+    attacks = _argv_values(run, "--attacks")
+    if attacks is not None and row["attack"] not in attacks:
         return False
     if row["model"] == "small_vit":
         side, p = run["vit"]["image_size"], run["vit"]["patch_size"]
         return row["recipe"].startswith(f"vit-p{p} {side}x{side}")
-    return True
+    recipes = _argv_values(run, "--recipes")
+    return recipes is None or row["recipe"] in recipes
 
 
 def _runs_of(doc: dict) -> list[tuple[dict, list[dict]]]:

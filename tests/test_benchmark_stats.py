@@ -96,3 +96,25 @@ def test_paired_bootstrap_rejects_bad_input():
         supra.paired_bootstrap([0, 2], [0, 1], [0, 1], [0, 1])  # not a flag / fraction
     with pytest.raises(ValueError):
         supra.paired_bootstrap([], [], [], [])
+
+
+def test_backdoor_matrix_merge_tells_runs_apart_by_their_recipes():
+    """Two CNN runs on one data set, one per victim recipe: their merge can be merged again (each
+    row is matched to the run whose --recipes / --attacks selected it), and a later run replaces
+    only the victims it re-ran."""
+    mx = _load("backdoor_matrix")
+
+    def run(recipe, attacks, acc):
+        argv = ["--part", "cnn", "--datasets", "cifar", "--attacks", *attacks, "--recipes", recipe]
+        rows = [{"kind": "victim", "data": "cifar", "attack": a, "recipe": recipe, "model": "preact_resnet18_w8",
+                 "acc": acc} for a in attacks]
+        return {"part": "cnn", "data": {"cifar": {}}, "argv": argv, "date": recipe, "rows": rows}
+
+    first = mx.merge([run("lr0.01", ["badnets", "sig"], 0.4), run("lr0.05", ["badnets", "sig"], 0.5)])
+    again = mx.merge([first])
+    assert again["rows"] == first["rows"] and len(again["runs"]) == 2
+    newer = mx.merge([first, run("lr0.05", ["sig"], 0.6)])
+    accs = {(r["recipe"], r["attack"]): r["acc"] for r in newer["rows"]}
+    assert accs == {("lr0.01", "badnets"): 0.4, ("lr0.01", "sig"): 0.4, ("lr0.05", "badnets"): 0.5, ("lr0.05", "sig"): 0.6}
+    with pytest.raises(SystemExit, match="cannot tell"):  # two runs that could both hold a row
+        mx.merge([{**first, "runs": [{**r, "argv": []} for r in first["runs"]]}])
