@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the built-in end-to-end demo on offline data", description=DEMO_HELP,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_run_options(demo)
-    demo.add_argument("--quick", action="store_true", help="fewer epochs and test images (a smoke test, ~20 s)")
+    demo.add_argument("--quick", action="store_true", help="fewer epochs and test images (a smoke test, ~25 s)")
     def config_command(name: str, help: str, description: str, config_help: str) -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=help, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
         cmd.add_argument("config", help=config_help)
