@@ -323,7 +323,7 @@ def test_attention_entropy_flags_poisoned_far_better_than_chance(poisoned_vit):
     res = AttentionEntropyFilter(progress=False).fit(model, data)  # method="split"
     m = filter_metrics(res, data.is_poisoned)
     assert m["auroc"] > 0.95, m  # 1.000 here
-    assert m["tpr"] > 0.9 and m["fpr"] < 0.05, m  # 1.0 / 0.0025 here
+    assert m["tpr"] > 0.9 and m["fpr"] < 0.05, m  # 1.0 / 0.0008 here
     assert res.details["poisoned_classes"] == [0] and len(res.details["per_layer"]) == 4
     assert res.details["head_entropy"].shape == (len(data), 4, 4)
     again = AttentionEntropyFilter(progress=False).fit(model, data)

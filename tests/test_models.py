@@ -570,6 +570,8 @@ def test_small_cnn_channels_last_weights_compute_the_same_function():
     assert ref.body[0][0].weight.is_contiguous()
     x = torch.rand(4, 3, 12, 12, dtype=torch.float64)
     net, ref = net.double(), ref.double()
+    assert net.body[0][0].weight.is_contiguous(memory_format=torch.channels_last)  # .double() keeps the layout
+    assert not ref.body[0][0].weight.is_contiguous(memory_format=torch.channels_last)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     out_a, out_b = net(xa), ref(xb)
     torch.testing.assert_close(out_a, out_b, rtol=1e-10, atol=1e-10)
