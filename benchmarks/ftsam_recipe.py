@@ -28,7 +28,7 @@ import _common
 import torch
 
 VICTIM_LRS = (0.01, 0.05)
-BASE = {"epochs": 100, "lr": 0.01, "batch_size": 32, "clean_ratio": 0.05, "eval_every": 100}
+BASE = {"epochs": 100, "lr": 0.01, "batch_size": 32, "clean_ratio": 0.05, "eval_every": 100, "augment": None}
 VARIANTS = {
     # name: (repair, overrides)
     "ft_sam paper (batch 256)": ("ft_sam", {"batch_size": 256}),
@@ -47,6 +47,13 @@ VARIANTS = {
     "finetune lr 0.05": ("finetune", {"lr": 0.05}),
     "finetune auto lr": ("finetune", {"lr": "auto"}),
     "finetune auto lr, 20% clean, same steps": ("finetune", {"lr": "auto", "clean_ratio": 0.2, "epochs": 25}),
+    # the fine-tuning transform of BackdoorBench's FT-SAM / FT code: random crop (+ flip on CIFAR-10)
+    "ft_sam auto lr, crop": ("ft_sam", {"lr": "auto", "augment": "crop"}),
+    "ft_sam auto lr, crop+flip": ("ft_sam", {"lr": "auto", "augment": "crop_flip"}),
+    "ft_sam lr 0.01, crop+flip": ("ft_sam", {"augment": "crop_flip"}),
+    "finetune auto lr, crop": ("finetune", {"lr": "auto", "augment": "crop"}),
+    "finetune auto lr, crop+flip": ("finetune", {"lr": "auto", "augment": "crop_flip"}),
+    "finetune lr 0.01, crop+flip": ("finetune", {"augment": "crop_flip"}),
 }
 #: The run recorded in docs/repair.md ("lr='auto'"): before (the paper's lr) / after (the new default),
 #: FineTune at the same budget with either lr, the clean-subset size at equal steps.

@@ -44,6 +44,7 @@ from torch.utils.data import Dataset
 
 from ..backdoor.metrics import backdoor_monitor
 from ..base import ModelRepair, RepairResult, ResultDetails
+from ..data.augment import AUGMENTS, make_augment
 from ..errors import InputError
 from ..registry import REPAIRS
 from ..training import Monitor, PlainStep, SAMStep, fit
@@ -59,6 +60,16 @@ LR_AUTO_FRACTION = 0.2
 LR_AUTO_BOUNDS = (1e-3, 0.1)
 #: The paper's learning rate: the fallback when the curvature estimate is not positive.
 PAPER_LR = 0.01
+#: Augmentation of the clean batches during fine-tuning (:mod:`robustkit.data.augment`).
+DEFAULT_AUGMENT: str | None = None
+
+
+def _image_size(data: Dataset) -> int:
+    """The smaller spatial side of the first sample (the crop padding scales with it)."""
+    x = data[0][0]
+    if not isinstance(x, torch.Tensor) or x.dim() != 3:
+        raise InputError(f"augment needs image samples C x H x W, got {getattr(x, 'shape', type(x).__name__)}")
+    return int(min(x.shape[-2:]))
 
 
 # --------------------------------------------------------------------------- curvature
@@ -145,17 +156,19 @@ def finetune_loop(
     seed: int = 0,
     progress: bool = True,
     desc: str = "fine-tune",
+    augment: Callable[..., torch.Tensor] | None = None,
 ) -> list[dict[str, Any]]:
     """Fine-tune ``model`` in place with SGD (and adaptive SAM when ``sam`` holds its kwargs).
 
     A thin front of :func:`robustkit.training.fit` (:class:`SAMStep` or :class:`PlainStep`);
-    ``monitor(model)`` gives an ``epoch 0`` row and is called every ``eval_every`` epochs.
+    ``monitor(model)`` gives an ``epoch 0`` row and is called every ``eval_every`` epochs;
+    ``augment`` (:class:`robustkit.data.augment.CropFlip`) transforms every batch.
     """
     step = SAMStep(**sam, label_smoothing=label_smoothing) if sam is not None else PlainStep(label_smoothing)
     callbacks = [Monitor(monitor, eval_every, epochs)] if monitor is not None else []
     return fit(model, data, step, epochs=epochs, lr=lr, batch_size=batch_size, optimizer="sgd", momentum=momentum,
                weight_decay=weight_decay, schedule=schedule, trainable=trainable, train_mode=train_mode,
-               callbacks=callbacks, seed=seed, progress=progress, desc=desc)
+               callbacks=callbacks, seed=seed, progress=progress, desc=desc, augment=augment)
 
 
 # --------------------------------------------------------------------------- defenses
@@ -175,6 +188,7 @@ class FineTuneDetails(ResultDetails):
     lr: float | None = None
     lr_rule: str = "given"
     sharpness: float | None = None
+    augment: str = "none"
 
 
 class _FineTuneRepair(ModelRepair):
@@ -185,7 +199,15 @@ class _FineTuneRepair(ModelRepair):
     def __init__(self, epochs: int = 100, lr: float | str = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4,
                  batch_size: int = 256, label_smoothing: float = 0.0, clean_ratio: float = 0.05,
                  schedule: str = "cosine", eval_every: int = 1, seed: int = 0, *,
-                 max_acc_drop: float = MAX_ACC_DROP, holdout_ratio: float = HOLDOUT_RATIO):
+                 max_acc_drop: float = MAX_ACC_DROP, holdout_ratio: float = HOLDOUT_RATIO,
+                 augment: str | None = DEFAULT_AUGMENT, crop_padding: int | None = None):
+        if augment is not None and augment != "none" and augment not in AUGMENTS:
+            raise InputError(f"augment must be one of {', '.join(AUGMENTS)} or None, got {augment!r}")
+        if crop_padding is not None and (isinstance(crop_padding, bool) or not isinstance(crop_padding, int)
+                                         or crop_padding < 0):
+            raise InputError(f"crop_padding must be an integer >= 0 or None, got {crop_padding!r}")
+        self.augment = None if augment == "none" else augment
+        self.crop_padding = crop_padding
         if not 0 < clean_ratio <= 1:
             raise InputError(f"clean_ratio must be in (0, 1], got {clean_ratio!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -244,21 +266,22 @@ class _FineTuneRepair(ModelRepair):
         net = model if inplace else copy.deepcopy(model)
         lr, rule, sharpness = self.resolve_lr(net, subset)
         monitor = backdoor_monitor(test_data, backdoor, num_classes)
+        augment = make_augment(self.augment, _image_size(subset), self.crop_padding)
         history = finetune_loop(
             net, subset, epochs=self.epochs, lr=lr, momentum=self.momentum, weight_decay=self.weight_decay,
             batch_size=self.batch_size, label_smoothing=self.label_smoothing, schedule=self.schedule,
             sam=self._sam(), monitor=monitor, eval_every=self.eval_every, seed=self.seed, progress=progress,
-            desc=type(self).__name__,
+            desc=type(self).__name__, augment=augment,
         )
         check = check_collapse(type(self).__name__, acc_before, net, split.holdout, self.max_acc_drop)
         per_epoch = math.ceil(len(subset) / self.batch_size)
         details = FineTuneDetails(len(subset), per_epoch, per_epoch * self.epochs, check.samples,
                                   check.acc_before, check.acc_after, self.max_acc_drop, check.collapsed,
-                                  lr, rule, sharpness)
+                                  lr, rule, sharpness, augment.describe() if augment is not None else "none")
         return RepairResult(net, history, details, collapsed=check.collapsed)
 
     def __repr__(self) -> str:
-        keys = ("epochs", "lr", "batch_size", "label_smoothing", "clean_ratio")
+        keys = ("epochs", "lr", "batch_size", "label_smoothing", "clean_ratio", "augment")
         return f"{type(self).__name__}(" + ", ".join(f"{k}={getattr(self, k)!r}" for k in keys) + ")"
 
 
@@ -310,9 +333,11 @@ class FTSAM(_FineTuneRepair):
                  lr: float | str = "auto", momentum: float = 0.9, weight_decay: float = 5e-4, batch_size: int = 256,
                  label_smoothing: float = 0.1, clean_ratio: float = 0.05, schedule: str = "cosine",
                  eval_every: int = 1, seed: int = 0, *, max_acc_drop: float = MAX_ACC_DROP,
-                 holdout_ratio: float = HOLDOUT_RATIO):
+                 holdout_ratio: float = HOLDOUT_RATIO, augment: str | None = DEFAULT_AUGMENT,
+                 crop_padding: int | None = None):
         super().__init__(epochs, lr, momentum, weight_decay, batch_size, label_smoothing, clean_ratio, schedule,
-                         eval_every, seed, max_acc_drop=max_acc_drop, holdout_ratio=holdout_ratio)
+                         eval_every, seed, max_acc_drop=max_acc_drop, holdout_ratio=holdout_ratio, augment=augment,
+                         crop_padding=crop_padding)
         if not rho > 0:
             raise InputError(f"rho must be > 0, got {rho!r}")
         if eta < 0:

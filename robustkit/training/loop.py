@@ -82,6 +82,7 @@ def fit(
     progress: bool = True,
     desc: str = "train",
     distributed: bool | None = None,
+    augment: Callable[..., torch.Tensor] | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``model`` in place; return one history row per epoch (plus rows callbacks add).
 
@@ -102,6 +103,11 @@ def fit(
     per-process BatchNorm statistics (use a model without BatchNorm, or SyncBatchNorm on GPUs,
     where that matters). A final global batch smaller than the number of processes is skipped.
     The history (loss, train_acc) is reduced over the processes.
+
+    ``augment`` (e.g. :class:`robustkit.data.augment.CropFlip`) is applied to every batch on its
+    device before the step, as ``augment(x, generator, start, total)`` with a generator seeded from
+    ``seed`` and the batch's place in the global batch, so the draws do not depend on the number of
+    processes.
     """
     check_epochs_lr(epochs, lr)
     if len(data) == 0:  # type: ignore[arg-type]
@@ -137,6 +143,7 @@ def fit(
         history: list[dict[str, Any]] = []
         for cb in callbacks:
             cb.on_fit_start(model, history)
+        aug_gen = torch.Generator().manual_seed(seed + 7919) if augment is not None else None
         bar = progress_bar(epochs * steps_per_epoch, desc, progress, unit="batch")
         try:
             for epoch in range(1, epochs + 1):
@@ -150,6 +157,9 @@ def fit(
                         step.shard = sampler.shards[b]
                         start, stop, total = step.shard
                         scale["local"] = (stop - start) / total
+                    if augment is not None:
+                        lo, _, full = sampler.shards[b] if world > 1 else (0, len(x), len(x))
+                        x = augment(x, aug_gen, lo, full)
                     try:
                         loss, logits = step(runner, x, y)
                     except FloatingPointError as exc:
