@@ -51,6 +51,8 @@ VARIANTS = {
     "ft_sam auto lr, crop": ("ft_sam", {"lr": "auto", "augment": "crop"}),
     "ft_sam auto lr, crop+flip": ("ft_sam", {"lr": "auto", "augment": "crop_flip"}),
     "ft_sam lr 0.01, crop+flip": ("ft_sam", {"augment": "crop_flip"}),
+    "ft_sam lr 0.01, crop": ("ft_sam", {"augment": "crop"}),
+    "finetune lr 0.01, crop": ("finetune", {"augment": "crop"}),
     "finetune auto lr, crop": ("finetune", {"lr": "auto", "augment": "crop"}),
     "finetune auto lr, crop+flip": ("finetune", {"lr": "auto", "augment": "crop_flip"}),
     "finetune lr 0.01, crop+flip": ("finetune", {"augment": "crop_flip"}),

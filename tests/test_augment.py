@@ -113,3 +113,30 @@ def test_finetune_repair_records_and_uses_the_augmentation():
         FineTune(augment="mixup")
     with pytest.raises(InputError, match="crop_padding"):
         FineTune(crop_padding=-2)
+
+
+def test_curvature_estimate_reads_the_augmented_loss():
+    """lr="auto" reads the sharpness of the loss fine-tuning minimises: on augmented batches when it augments."""
+    from robustkit.data.arrays import ArrayDataset
+    from robustkit.repair.finetune import top_hessian_eigenvalue
+
+    torch.manual_seed(0)
+    x = torch.rand(40, 1, 6, 6)
+    y = (x[:, :, :, :3].mean((1, 2, 3)) > x[:, :, :, 3:].mean((1, 2, 3))).long()  # left vs right: a flip matters
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(36, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+
+    def mirror(batch, generator=None):
+        return batch.flip(-1)
+
+    lam_aug = top_hessian_eigenvalue(net, ArrayDataset(x, y), batch_size=16, augment=mirror, seed=3)
+    lam_ref = top_hessian_eigenvalue(net, ArrayDataset(x.flip(-1), y), batch_size=16, seed=3)
+    lam_plain = top_hessian_eigenvalue(net, ArrayDataset(x, y), batch_size=16, seed=3)
+    assert lam_aug == pytest.approx(lam_ref, rel=1e-4)
+    assert lam_aug != pytest.approx(lam_plain, rel=1e-3)
+
+
+def test_fine_tuning_repairs_crop_by_default():
+    from robustkit.repair import FTSAM, FineTune
+
+    assert FTSAM().augment == "crop" and FineTune().augment == "crop"
+    assert FTSAM(augment="none").augment is None

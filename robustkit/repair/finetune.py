@@ -61,7 +61,7 @@ LR_AUTO_BOUNDS = (1e-3, 0.1)
 #: The paper's learning rate: the fallback when the curvature estimate is not positive.
 PAPER_LR = 0.01
 #: Augmentation of the clean batches during fine-tuning (:mod:`robustkit.data.augment`).
-DEFAULT_AUGMENT: str | None = None
+DEFAULT_AUGMENT: str | None = "crop"
 
 
 def _image_size(data: Dataset) -> int:
@@ -74,7 +74,7 @@ def _image_size(data: Dataset) -> int:
 
 # --------------------------------------------------------------------------- curvature
 def top_hessian_eigenvalue(model: nn.Module, data: Dataset, *, batch_size: int = 256, label_smoothing: float = 0.0,
-                           iters: int = 20, seed: int = 0) -> float:
+                           iters: int = 20, seed: int = 0, augment: Callable[..., torch.Tensor] | None = None) -> float:
     """Largest Hessian eigenvalue of the mean cross-entropy over ``data`` (power iteration on
     Hessian-vector products, Pearlmutter's double backprop).
 
@@ -82,7 +82,9 @@ def top_hessian_eigenvalue(model: nn.Module, data: Dataset, *, batch_size: int =
     the statistics of each batch, as SGD sees it), batches of ``batch_size`` in a fixed order,
     ``label_smoothing`` as given. BatchNorm running statistics and every module's mode are
     restored afterwards; the model's weights are not changed. Deterministic for a given ``seed``
-    (the start vector) up to float reduction order.
+    (the start vector) up to float reduction order. With ``augment`` (what fine-tuning applies to
+    its batches) the loss is over one augmented copy of ``data``, drawn once from ``seed``: a victim
+    trained without augmentation is sharper on shifted images than on its own.
     """
     if iters < 1:
         raise InputError(f"iters must be >= 1, got {iters!r}")
@@ -95,6 +97,8 @@ def top_hessian_eigenvalue(model: nn.Module, data: Dataset, *, batch_size: int =
     x, y = to_tensors(data)
     if x.shape[0] == 0:
         raise InputError("the clean data set is empty")
+    if augment is not None:
+        x = augment(x, torch.Generator().manual_seed(seed + 7919))
     batches = [(x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)) for i in range(0, len(x), batch_size)]
     if len(batches) > 1 and len(batches[-1][0]) == 1:  # a 1-image batch has no BatchNorm statistics
         batches = batches[:-1]
@@ -228,7 +232,8 @@ class _FineTuneRepair(ModelRepair):
     def _sam(self) -> dict[str, Any] | None:
         return None
 
-    def resolve_lr(self, model: nn.Module, subset: Dataset) -> tuple[float, str, float | None]:
+    def resolve_lr(self, model: nn.Module, subset: Dataset, augment: Callable[..., torch.Tensor] | None = None
+                   ) -> tuple[float, str, float | None]:
         """``(lr, rule, sharpness)``: the given ``lr``, or for ``lr="auto"``
         ``LR_AUTO_FRACTION * 2 (1 + momentum) / lambda_max`` clipped to ``LR_AUTO_BOUNDS``, with
         ``lambda_max`` the suspect's top Hessian eigenvalue of the fine-tuning loss on ``subset``
@@ -236,7 +241,7 @@ class _FineTuneRepair(ModelRepair):
         if self.lr != "auto":
             return float(self.lr), "given", None
         lam = top_hessian_eigenvalue(model, subset, batch_size=self.batch_size, label_smoothing=self.label_smoothing,
-                                     seed=self.seed)
+                                     seed=self.seed, augment=augment)
         if not math.isfinite(lam) or lam <= 0:
             warnings.warn(f"{type(self).__name__}: lr='auto' got a non-positive curvature estimate ({lam:.3g}); "
                           f"using the paper's lr {PAPER_LR}", RuntimeWarning, stacklevel=3)
@@ -264,9 +269,9 @@ class _FineTuneRepair(ModelRepair):
         subset = split.train
         acc_before = clean_accuracy(model, split.holdout)
         net = model if inplace else copy.deepcopy(model)
-        lr, rule, sharpness = self.resolve_lr(net, subset)
-        monitor = backdoor_monitor(test_data, backdoor, num_classes)
         augment = make_augment(self.augment, _image_size(subset), self.crop_padding)
+        lr, rule, sharpness = self.resolve_lr(net, subset, augment)
+        monitor = backdoor_monitor(test_data, backdoor, num_classes)
         history = finetune_loop(
             net, subset, epochs=self.epochs, lr=lr, momentum=self.momentum, weight_decay=self.weight_decay,
             batch_size=self.batch_size, label_smoothing=self.label_smoothing, schedule=self.schedule,
