@@ -36,8 +36,10 @@ ATTACKS = {
 VICTIM = {"lr": 0.05, "batch_size": 64, "optimizer": "sgd", "weight_decay": 5e-4, "schedule": "cosine"}
 DATA = {"clean_ratio": 0.05}
 DEFENSES = {
-    # FineTune at equal data and about NAD's number of passes: the reference every paper compares with
-    "finetune": {"name": "finetune", "epochs": 20, "batch_size": 32, **DATA},
+    # FineTune at equal data and about NAD's number of passes: the reference every paper compares with.
+    # Without augmentation (FineTune's default since issue #15 crops), as every baseline here trains
+    # and as the reference runs (benchmarks/reference/baselines_*.json) were made.
+    "finetune": {"name": "finetune", "epochs": 20, "batch_size": 32, "augment": None, **DATA},
     "fine_pruning": {"name": "fine_pruning", "epochs": 10, "batch_size": 32, **DATA},
     "nad": {"name": "nad", "teacher_epochs": 20, "teacher_lr": 0.02, "epochs": 20, "betas": 20.0, "batch_size": 32, **DATA},
     "anp": {"name": "anp", "iterations": 500, **DATA},
