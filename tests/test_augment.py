@@ -140,3 +140,4 @@ def test_fine_tuning_repairs_crop_by_default():
 
     assert FTSAM().augment == "crop" and FineTune().augment == "crop"
     assert FTSAM(augment="none").augment is None
+

@@ -68,7 +68,8 @@ def _image_size(data: Dataset) -> int:
     """The smaller spatial side of the first sample (the crop padding scales with it)."""
     x = data[0][0]
     if not isinstance(x, torch.Tensor) or x.dim() != 3:
-        raise InputError(f"augment needs image samples C x H x W, got {getattr(x, 'shape', type(x).__name__)}")
+        raise InputError(f"augment={DEFAULT_AUGMENT!r} crops image samples C x H x W, got "
+                         f"{getattr(x, 'shape', type(x).__name__)}; pass augment=None for other data")
     return int(min(x.shape[-2:]))
 
 
@@ -269,7 +270,7 @@ class _FineTuneRepair(ModelRepair):
         subset = split.train
         acc_before = clean_accuracy(model, split.holdout)
         net = model if inplace else copy.deepcopy(model)
-        augment = make_augment(self.augment, _image_size(subset), self.crop_padding)
+        augment = make_augment(self.augment, _image_size(subset), self.crop_padding) if self.augment else None
         lr, rule, sharpness = self.resolve_lr(net, subset, augment)
         monitor = backdoor_monitor(test_data, backdoor, num_classes)
         history = finetune_loop(
