@@ -141,3 +141,17 @@ def test_fine_tuning_repairs_crop_by_default():
     assert FTSAM().augment == "crop" and FineTune().augment == "crop"
     assert FTSAM(augment="none").augment is None
 
+
+
+def test_top_eigenvalue_is_the_largest_not_the_largest_in_magnitude():
+    """An indefinite operator whose most negative eigenvalue dominates: power iteration would return
+    -10; Lanczos returns the largest eigenvalue, 3 (a direct reference), and within 6 steps on 6 dims."""
+    from robustkit.repair.finetune import top_eigenvalue
+
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    a = q @ torch.diag(torch.tensor([3.0, 1.0, 0.5, -0.2, -4.0, -10.0], dtype=torch.float64)) @ q.T
+    start = [torch.randn(6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)]
+    assert top_eigenvalue(lambda v: [a @ v[0]], start, iters=6) == pytest.approx(3.0, rel=1e-6)
+    b = q @ torch.diag(torch.tensor([10.0, 1.0, 0.5, -0.2, -4.0, -3.0], dtype=torch.float64)) @ q.T
+    assert top_eigenvalue(lambda v: [b @ v[0]], start, iters=6) == pytest.approx(10.0, rel=1e-6)
+    assert top_eigenvalue(lambda v: [b @ v[0]], start, iters=40) == pytest.approx(10.0, rel=1e-6)  # past breakdown

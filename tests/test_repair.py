@@ -247,7 +247,7 @@ def test_jump_score():
 
 # --------------------------------------------------------------------------- lr="auto": curvature
 def test_top_hessian_eigenvalue_matches_the_full_hessian():
-    """Power iteration on Hessian-vector products gives the largest eigenvalue of the exact Hessian."""
+    """Lanczos on Hessian-vector products gives the largest eigenvalue of the exact Hessian."""
     from robustkit.repair.finetune import top_hessian_eigenvalue
 
     model, x, y = _tiny_problem()
@@ -305,11 +305,13 @@ def backdoored(digits16, victim):
 def test_ftsam_removes_real_backdoor_and_leaves_input_alone(backdoored, digits16):
     model, atk, before = backdoored
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    res = FTSAM(epochs=30, batch_size=32, clean_ratio=0.1, eval_every=10).repair(
+    # 60 epochs (300 steps): on random crops (the default) 30 epochs leave the cosine schedule too short to
+    # recover clean accuracy (measured: 1.8-6.7 points lost over three clean-share seeds, 60 epochs: -0.2-3.1)
+    res = FTSAM(epochs=60, batch_size=32, clean_ratio=0.1, eval_every=20).repair(
         model, digits16.train, test_data=digits16.test, backdoor=atk, progress=False)
     last = res.history[-1]
     assert res.history[0]["epoch"] == 0 and res.history[0]["asr"] == pytest.approx(before.asr)
-    assert [h["epoch"] for h in res.history if "asr" in h] == [0, 10, 20, 30]
+    assert [h["epoch"] for h in res.history if "asr" in h] == [0, 20, 40, 60]
     assert last["asr"] < 0.2 * before.asr, res.history
     assert last["acc"] > before.acc - 0.06
     assert res.model is not model
