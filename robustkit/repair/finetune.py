@@ -373,7 +373,7 @@ class FTSAM(_FineTuneRepair):
     clean-set size, label smoothing or rho; at a larger lr it removes it. ``lr="auto"`` reads
     the step off the suspect itself: ``lr = LR_AUTO_FRACTION (0.2) * 2 (1 + momentum) /
     lambda_max``, with ``lambda_max`` the top Hessian eigenvalue of the fine-tuning loss on the
-    clean subset (:func:`top_hessian_eigenvalue`, 20 power iterations: about the cost of 20
+    clean subset (:func:`top_hessian_eigenvalue`, 20 Lanczos steps: about the cost of 20
     epochs of plain fine-tuning on the subset, once). SGD with lr ``eta`` cannot settle where
     the curvature exceeds ``2 (1 + momentum) / eta``, so a victim trained with a larger lr sits in
     a flatter minimum (digits: lambda_max 58 at lr 0.01, 24 at lr 0.05) and gets a larger step
