@@ -76,7 +76,8 @@ world = int(os.environ.get("WORLD_SIZE", "1"))
 if world > 1:
     dist.init_process_group("gloo")
 from robustkit.data import digits
-from robustkit.training import PGDATStep, RobustAccuracy, TRADESStep, fit
+from robustkit.data.augment import CropFlip
+from robustkit.training import PGDATStep, PlainStep, RobustAccuracy, TRADESStep, fit
 
 
 class Net(nn.Module):  # no BatchNorm: per-process batch statistics would differ from one process's
@@ -96,13 +97,16 @@ train = torch.utils.data.Subset(d.train, range(245))  # 7 global batches of 32, 
 torch.manual_seed(0)
 model = Net()
 init = {k: v.clone() for k, v in model.state_dict().items()}
-step = TRADESStep(eps=16 / 255, steps=3) if method == "trades" else PGDATStep(eps=16 / 255, steps=3)
+steps = {"trades": lambda: TRADESStep(eps=16 / 255, steps=3), "pgd": lambda: PGDATStep(eps=16 / 255, steps=3),
+         "crop": lambda: PlainStep()}
+step = steps[method]()
+augment = CropFlip(1, flip=True) if method == "crop" else None  # draws for the global batch, sliced per rank
 monitor = RobustAccuracy(d.test, n_samples=40, steps=2, batch_size=16)  # sharded across the ranks, gathered
 import gc
 from torch.nn.parallel import DistributedDataParallel
 gc.disable()  # fit itself must free its DDP wrapper: one left in a reference cycle aborted a rank at exit
 hist = fit(model, train, step, epochs=1, lr=0.1, batch_size=32, schedule="constant", progress=False, seed=3,
-           callbacks=[monitor])
+           callbacks=[monitor], augment=augment)
 assert not any(isinstance(o, DistributedDataParallel) for o in gc.get_objects()), "fit left its DDP wrapper alive"
 gc.enable()
 if int(os.environ.get("RANK", "0")) == 0:
@@ -113,10 +117,11 @@ if world > 1:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["trades", "pgd"])
+@pytest.mark.parametrize("method", ["trades", "pgd", "crop"])
 def test_data_parallel_adversarial_training_equals_one_process(tmp_path, method):
     """2 gloo processes with global batch 32 (16 + 16; the last 21 as 11 + 10) give the first-epoch
-    weights of one process with batch 32: same shuffling, same attack noise per example,
+    weights of one process with batch 32: same shuffling, same attack noise per example, the same
+    random crops and flips per example ("crop": plain steps on augmented batches),
     gradients weighted by each process's share of the batch."""
     import torch
 
