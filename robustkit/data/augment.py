@@ -95,12 +95,20 @@ class CropFlip:
         return f"CropFlip(padding={self.padding}, flip={self.flip})"
 
 
-def make_augment(spec: str | None, image_size: int, padding: int | None = None) -> CropFlip | None:
-    """``None`` / ``"none"``: no augmentation; ``"crop"``: :class:`CropFlip` without flip; ``"crop_flip"``: with it.
-    ``padding=None`` takes :func:`default_padding` of ``image_size`` (the smaller side)."""
+def check_augment(spec: str | None) -> str | None:
+    """The augmentation's name, ``None`` for none (``None`` or ``"none"``); :class:`InputError` if unknown."""
     if spec is None or spec == "none":
         return None
     if spec not in AUGMENTS:
         raise InputError(f"augment must be one of {', '.join(AUGMENTS)} or None, got {spec!r}")
+    return spec
+
+
+def make_augment(spec: str | None, image_size: int, padding: int | None = None) -> CropFlip | None:
+    """``None`` / ``"none"``: no augmentation; ``"crop"``: :class:`CropFlip` without flip; ``"crop_flip"``: with it.
+    ``padding=None`` takes :func:`default_padding` of ``image_size`` (the smaller side)."""
+    spec = check_augment(spec)
+    if spec is None:
+        return None
     pad = default_padding(image_size) if padding is None else padding
     return CropFlip(pad, flip=spec == "crop_flip")

@@ -44,7 +44,7 @@ from torch.utils.data import Dataset
 
 from ..backdoor.metrics import backdoor_monitor
 from ..base import ModelRepair, RepairResult, ResultDetails
-from ..data.augment import AUGMENTS, make_augment
+from ..data.augment import check_augment, make_augment
 from ..errors import InputError
 from ..registry import REPAIRS
 from ..training import Monitor, PlainStep, SAMStep, fit
@@ -240,12 +240,10 @@ class _FineTuneRepair(ModelRepair):
                  schedule: str = "cosine", eval_every: int = 1, seed: int = 0, *,
                  max_acc_drop: float = MAX_ACC_DROP, holdout_ratio: float = HOLDOUT_RATIO,
                  augment: str | None = DEFAULT_AUGMENT, crop_padding: int | None = None):
-        if augment is not None and augment != "none" and augment not in AUGMENTS:
-            raise InputError(f"augment must be one of {', '.join(AUGMENTS)} or None, got {augment!r}")
+        self.augment = check_augment(augment)
         if crop_padding is not None and (isinstance(crop_padding, bool) or not isinstance(crop_padding, int)
                                          or crop_padding < 0):
             raise InputError(f"crop_padding must be an integer >= 0 or None, got {crop_padding!r}")
-        self.augment = None if augment == "none" else augment
         self.crop_padding = crop_padding
         if not 0 < clean_ratio <= 1:
             raise InputError(f"clean_ratio must be in (0, 1], got {clean_ratio!r}")
