@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from ..errors import InputError
 
 AUGMENTS = ("crop", "crop_flip")
+#: Added to a run's seed for the generator of its augmentation draws (kept apart from its shuffling stream).
+AUGMENT_SEED_OFFSET = 7919
 
 
 def default_padding(size: int) -> int:

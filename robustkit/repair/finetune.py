@@ -44,7 +44,7 @@ from torch.utils.data import Dataset
 
 from ..backdoor.metrics import backdoor_monitor
 from ..base import ModelRepair, RepairResult, ResultDetails
-from ..data.augment import check_augment, make_augment
+from ..data.augment import AUGMENT_SEED_OFFSET, check_augment, make_augment
 from ..errors import InputError
 from ..registry import REPAIRS
 from ..training import Monitor, PlainStep, SAMStep, fit
@@ -138,7 +138,7 @@ def top_hessian_eigenvalue(model: nn.Module, data: Dataset, *, batch_size: int =
     if x.shape[0] == 0:
         raise InputError("the clean data set is empty")
     if augment is not None:
-        x = augment(x, torch.Generator().manual_seed(seed + 7919))
+        x = augment(x, torch.Generator().manual_seed(seed + AUGMENT_SEED_OFFSET))
     batches = [(x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)) for i in range(0, len(x), batch_size)]
     if len(batches) > 1 and len(batches[-1][0]) == 1:  # a 1-image batch has no BatchNorm statistics
         batches = batches[:-1]

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..data.augment import AUGMENT_SEED_OFFSET
 from ..errors import ConfigError, InputError
 from ..utils import model_device, progress_bar
 from .optim import make_optimizer, make_scheduler
@@ -105,9 +106,9 @@ def fit(
     The history (loss, train_acc) is reduced over the processes.
 
     ``augment`` (e.g. :class:`robustkit.data.augment.CropFlip`) is applied to every batch on its
-    device before the step, as ``augment(x, generator, start, total)`` with a generator seeded from
-    ``seed`` and the batch's place in the global batch, so the draws do not depend on the number of
-    processes.
+    device before the step, as ``augment(x, generator, start, total)``: one generator seeded from
+    ``seed`` for the whole run, draws made for the global batch of ``total`` and this process's
+    slice from ``start`` applied, so the draws do not depend on the number of processes.
     """
     check_epochs_lr(epochs, lr)
     if len(data) == 0:  # type: ignore[arg-type]
@@ -143,7 +144,7 @@ def fit(
         history: list[dict[str, Any]] = []
         for cb in callbacks:
             cb.on_fit_start(model, history)
-        aug_gen = torch.Generator().manual_seed(seed + 7919) if augment is not None else None
+        aug_gen = torch.Generator().manual_seed(seed + AUGMENT_SEED_OFFSET) if augment is not None else None
         bar = progress_bar(epochs * steps_per_epoch, desc, progress, unit="batch")
         try:
             for epoch in range(1, epochs + 1):
@@ -153,13 +154,13 @@ def fit(
                 for b, (x, y) in enumerate(loader):
                     x, y = x.to(device, non_blocking=True), _labels(y).to(device, non_blocking=True)
                     opt.zero_grad(set_to_none=True)
+                    start, total = 0, len(x)
                     if world > 1:
                         step.shard = sampler.shards[b]
                         start, stop, total = step.shard
                         scale["local"] = (stop - start) / total
                     if augment is not None:
-                        lo, _, full = sampler.shards[b] if world > 1 else (0, len(x), len(x))
-                        x = augment(x, aug_gen, lo, full)
+                        x = augment(x, aug_gen, start, total)
                     try:
                         loss, logits = step(runner, x, y)
                     except FloatingPointError as exc:
