@@ -135,6 +135,37 @@ def test_curvature_estimate_reads_the_augmented_loss():
     assert lam_aug != pytest.approx(lam_plain, rel=1e-3)
 
 
+def test_train_classifier_augments_like_fit_with_the_named_augmentation():
+    """``train_classifier(augment="crop")`` is ``fit`` with ``CropFlip(H / 8, flip=False)``, seeded; bad names and
+    non-image samples are refused."""
+    from robustkit.data.arrays import ArrayDataset
+    from robustkit.training import fit, train_classifier
+    from robustkit.training.steps import PlainStep
+
+    torch.manual_seed(0)
+    x = torch.rand(48, 1, 8, 8)
+    y = (x[:, :, :4].mean((1, 2, 3)) > x[:, :, 4:].mean((1, 2, 3))).long()
+    data = ArrayDataset(x, y)
+
+    def net():
+        torch.manual_seed(1)
+        return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                                   torch.nn.Linear(256, 2))
+
+    kw = dict(epochs=2, batch_size=16, lr=0.1, seed=3, progress=False)
+    a, b, c = net(), net(), net()
+    train_classifier(a, data, augment="crop", **kw)
+    fit(b, data, PlainStep(), augment=CropFlip(1, flip=False), **kw)
+    train_classifier(c, data, **kw)
+    assert torch.equal(a[0].weight, b[0].weight)
+    assert not torch.equal(a[0].weight, c[0].weight)
+    with pytest.raises(InputError, match="augment must be"):
+        train_classifier(net(), data, augment="cutout", **kw)
+    flat = torch.utils.data.TensorDataset(torch.rand(8, 5), torch.zeros(8, dtype=torch.long))
+    with pytest.raises(InputError, match="C x H x W"):
+        train_classifier(torch.nn.Linear(5, 2), flat, augment="crop", **kw)
+
+
 def test_fine_tuning_repairs_crop_by_default():
     from robustkit.repair import FTSAM, FineTune
 

@@ -315,6 +315,8 @@ def test_train_step_config_is_validated_before_anything_runs(tmp_path):
         ({"warm_start": {"path": "x.pt"}}, "steps[0].train.warm_start"),
         ({"preprocessors": "noise_bilateral"}, "steps[0].train.preprocessors"),
         ({"preprocessors": [{"name": "bilateral", "train_iterations": -1}]}, "steps[0].train.preprocessors[0]"),
+        ({"augment": "mixup"}, "steps[0].train.augment"),
+        ({"augment": "crop", "crop_padding": -1}, "steps[0].train.crop_padding"),
     ]
     for train, path in cases:
         with pytest.raises(ConfigError) as info:

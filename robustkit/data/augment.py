@@ -14,6 +14,8 @@ its own offsets and flip.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -106,6 +108,13 @@ def check_augment(spec: str | None) -> str | None:
     return spec
 
 
+def check_padding(padding: int | None) -> int | None:
+    """``padding`` if it is ``None`` (:func:`default_padding`) or an integer >= 0; :class:`InputError` otherwise."""
+    if padding is not None and (isinstance(padding, bool) or not isinstance(padding, int) or padding < 0):
+        raise InputError(f"crop_padding must be an integer >= 0 or None, got {padding!r}")
+    return padding
+
+
 def make_augment(spec: str | None, image_size: int, padding: int | None = None) -> CropFlip | None:
     """``None`` / ``"none"``: no augmentation; ``"crop"``: :class:`CropFlip` without flip; ``"crop_flip"``: with it.
     ``padding=None`` takes :func:`default_padding` of ``image_size`` (the smaller side)."""
@@ -114,3 +123,16 @@ def make_augment(spec: str | None, image_size: int, padding: int | None = None) 
         return None
     pad = default_padding(image_size) if padding is None else padding
     return CropFlip(pad, flip=spec == "crop_flip")
+
+
+def augment_for(spec: str | None, data: Any, padding: int | None = None) -> CropFlip | None:
+    """:func:`make_augment` sized for ``data``: the padding scales with the smaller spatial side of its
+    first sample, which must be an image tensor C x H x W (:class:`InputError` otherwise)."""
+    spec = check_augment(spec)
+    if spec is None:
+        return None
+    x = data[0][0]
+    if not isinstance(x, torch.Tensor) or x.dim() != 3:
+        raise InputError(f"augment={spec!r} crops image samples C x H x W, got "
+                         f"{getattr(x, 'shape', type(x).__name__)}; pass augment=None for other data")
+    return make_augment(spec, int(min(x.shape[-2:])), padding)

@@ -44,7 +44,7 @@ from torch.utils.data import Dataset
 
 from ..backdoor.metrics import backdoor_monitor
 from ..base import ModelRepair, RepairResult, ResultDetails
-from ..data.augment import AUGMENT_SEED_OFFSET, check_augment, make_augment
+from ..data.augment import AUGMENT_SEED_OFFSET, augment_for, check_augment, check_padding
 from ..errors import InputError
 from ..registry import REPAIRS
 from ..training import Monitor, PlainStep, SAMStep, fit
@@ -62,15 +62,6 @@ LR_AUTO_BOUNDS = (1e-3, 0.1)
 PAPER_LR = 0.01
 #: Augmentation of the clean batches during fine-tuning (:mod:`robustkit.data.augment`).
 DEFAULT_AUGMENT: str | None = "crop"
-
-
-def _image_size(data: Dataset) -> int:
-    """The smaller spatial side of the first sample (the crop padding scales with it)."""
-    x = data[0][0]
-    if not isinstance(x, torch.Tensor) or x.dim() != 3:
-        raise InputError(f"augment={DEFAULT_AUGMENT!r} crops image samples C x H x W, got "
-                         f"{getattr(x, 'shape', type(x).__name__)}; pass augment=None for other data")
-    return int(min(x.shape[-2:]))
 
 
 # --------------------------------------------------------------------------- curvature
@@ -241,10 +232,7 @@ class _FineTuneRepair(ModelRepair):
                  max_acc_drop: float = MAX_ACC_DROP, holdout_ratio: float = HOLDOUT_RATIO,
                  augment: str | None = DEFAULT_AUGMENT, crop_padding: int | None = None):
         self.augment = check_augment(augment)
-        if crop_padding is not None and (isinstance(crop_padding, bool) or not isinstance(crop_padding, int)
-                                         or crop_padding < 0):
-            raise InputError(f"crop_padding must be an integer >= 0 or None, got {crop_padding!r}")
-        self.crop_padding = crop_padding
+        self.crop_padding = check_padding(crop_padding)
         if not 0 < clean_ratio <= 1:
             raise InputError(f"clean_ratio must be in (0, 1], got {clean_ratio!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -308,7 +296,7 @@ class _FineTuneRepair(ModelRepair):
         subset = split.train
         acc_before = clean_accuracy(model, split.holdout)
         net = model if inplace else copy.deepcopy(model)
-        augment = make_augment(self.augment, _image_size(subset), self.crop_padding) if self.augment else None
+        augment = augment_for(self.augment, subset, self.crop_padding)
         lr, rule, sharpness = self.resolve_lr(net, subset, augment)
         monitor = backdoor_monitor(test_data, backdoor, num_classes)
         history = finetune_loop(

@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..backdoor.metrics import backdoor_metrics
+from ..data.augment import augment_for
 from ..errors import InputError
 from ..inference import accuracy
 from ..io import atomic_path
@@ -41,6 +42,8 @@ def train_classifier(
     on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
     step: TrainStep | None = None,
     callbacks: Sequence[Callback] = (),
+    augment: str | None = None,
+    crop_padding: int | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``model`` in place with cross-entropy; return one history row per epoch.
 
@@ -51,6 +54,9 @@ def train_classifier(
     :class:`PlainStep`, or with ``step`` (e.g. :class:`~robustkit.training.TRADESStep`, which
     holds its own preprocessor) and extra ``callbacks`` (e.g.
     :class:`~robustkit.training.RobustAccuracy`), run before ``val_data`` / ``on_epoch_end``.
+    ``augment`` (``"crop"``, ``"crop_flip"`` or ``None``) randomly crops (zero padding ``crop_padding``,
+    default H/8) and flips every training batch (:mod:`robustkit.data.augment`), the usual CIFAR-10
+    training transform; the preprocessor and the step see the augmented batch.
     """
     if step is not None and (preprocess is not None or label_smoothing):
         raise InputError("pass preprocess / label_smoothing to the step itself when you give step=")
@@ -62,7 +68,8 @@ def train_classifier(
     step = step if step is not None else PlainStep(label_smoothing, preprocess)
     return fit(model, train_data, step, epochs=epochs, lr=lr, batch_size=batch_size,
                optimizer=optimizer, momentum=momentum, weight_decay=weight_decay, schedule=schedule,
-               warmup_epochs=warmup_epochs, callbacks=callbacks, seed=seed, progress=progress, desc=desc)
+               warmup_epochs=warmup_epochs, callbacks=callbacks, seed=seed, progress=progress, desc=desc,
+               augment=augment_for(augment, train_data, crop_padding))
 
 
 @dataclass

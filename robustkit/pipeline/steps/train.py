@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from ...errors import ConfigError
+from ...data.augment import check_augment, check_padding
+from ...errors import ConfigError, InputError
 from ...eval.plots import training_curves
 from ...models.checkpoints import load_weights
 from ...preprocessing import build_preprocessor
@@ -48,7 +49,8 @@ def train(ctx: Context, /, epochs: int = 10, lr: float = 0.05, batch_size: int =
           momentum: float = 0.9, weight_decay: float = 5e-4, schedule: str = "cosine", label_smoothing: float = 0.0,
           warmup_epochs: float = 0.0, preprocessors: list | None = None, checkpoint_every: int = 0,
           adversarial: dict | str | None = None, monitor: dict | bool | None = None,
-          warm_start: dict | str | None = None) -> None:
+          warm_start: dict | str | None = None, augment: str | None = None,
+          crop_padding: int | None = None) -> None:
     """Train the run's model on the training split (``preprocessors``: train-time defense).
 
     ``adversarial: {method: pgd | trades, eps: 8/255, steps: 10, alpha, beta: 6, norm, eot_samples,
@@ -62,7 +64,10 @@ def train(ctx: Context, /, epochs: int = 10, lr: float = 0.05, batch_size: int =
     ``pgd_acc``; ``{n_samples: 256, steps: 10, every: 1, ...}``), with the preprocessors in
     their test-time schedule. ``warm_start: PATH`` (or ``{checkpoint: PATH, strict: true}``) first
     loads weights (a bare state dict or a robustkit checkpoint) into the model, e.g. to
-    fine-tune a pretrained model with the defense in front.
+    fine-tune a pretrained model with the defense in front. ``augment: crop`` (or ``crop_flip``, for
+    natural images such as CIFAR-10) trains on random crops of the zero-padded images (padding
+    ``crop_padding``, default H/8: 4 pixels at 32x32), flipped left-right with ``crop_flip``; the
+    preprocessors and the adversarial step see the augmented batch.
 
     After a ``poison`` step the training split is the poisoned one and every epoch also
     records the backdoor's ASR and RA on the test split. ``checkpoint_every`` > 0 writes
@@ -74,6 +79,7 @@ def train(ctx: Context, /, epochs: int = 10, lr: float = 0.05, batch_size: int =
     mon = check_monitor(monitor, adv, "train.monitor")
     warm = _warm_start(warm_start, "train.warm_start")
     pre = _preprocess(preprocessors, "train.preprocessors").to(ctx.device)
+    _augment(augment, crop_padding, "train")
     pre_or_none = pre if len(pre) else None
     if warm is not None:
         load_weights(model, warm["checkpoint"], strict=warm["strict"], map_location=ctx.device)
@@ -96,7 +102,7 @@ def train(ctx: Context, /, epochs: int = 10, lr: float = 0.05, batch_size: int =
         checkpoint_every=checkpoint_every, model_name=ctx.config["model"]["name"] if "model" in ctx.config else None,
         epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, momentum=momentum, weight_decay=weight_decay,
         schedule=schedule, warmup_epochs=warmup_epochs, seed=ctx.seed, progress=ctx.show_progress,
-        step=step, callbacks=callbacks, **extra,
+        step=step, callbacks=callbacks, augment=augment, crop_padding=crop_padding, **extra,
     )
     last = result.history[-1]
     ctx.report.add_table("Training", [dict(h) for h in result.history])
@@ -116,9 +122,19 @@ def train(ctx: Context, /, epochs: int = 10, lr: float = 0.05, batch_size: int =
     ctx.log(f"  trained {epochs} epochs in {seconds:.1f} s: {msg}")
 
 
+def _augment(augment: Any, crop_padding: Any, path: str) -> None:
+    """The augmentation name and padding, checked (a :class:`ConfigError` naming the key)."""
+    for key, check, value in (("augment", check_augment, augment), ("crop_padding", check_padding, crop_padding)):
+        try:
+            check(value)
+        except InputError as e:
+            raise ConfigError(str(e), f"{path}.{key}") from None
+
+
 def _validate(params: dict[str, Any], path: str) -> None:
     """Config-check time: preprocessors, the adversarial and monitor settings, the warm-start file."""
     _preprocess(params.get("preprocessors"), f"{path}.preprocessors")
+    _augment(params.get("augment"), params.get("crop_padding"), path)
     adv = check_adversarial(params.get("adversarial"), f"{path}.adversarial")
     check_monitor(params.get("monitor"), adv, f"{path}.monitor")
     warm = _warm_start(params.get("warm_start"), f"{path}.warm_start")
