@@ -12,6 +12,11 @@ calibrate) reports TPR on the triggered non-target test images and FPR on the cl
 
     python benchmarks/baselines.py --threads 1 --datasets digits
     python benchmarks/baselines.py --threads 1 --datasets cifar --data ../shared/data/cifar10_subset.npz
+    python benchmarks/baselines.py --threads 1 --datasets digits --victim-augment crop --victim-epochs 12
+
+``--victim-augment`` trains the victim on random crops (``crop``; ``crop_flip`` adds the mirror, for
+natural images), as the papers' and BackdoorBench's victims are trained; ``--victim-model
+preact_resnet18`` swaps the SmallCNN for a width-16 PreActResNet18 (848 BatchNorm neurons for ANP).
 
 CPU budget (2 shared cores): the settings are each method's defaults except where listed in
 ``DEFENSES`` (batch 32 where a default batch would exceed the clean set; ANP's iterations and Neural
@@ -58,14 +63,23 @@ def _caught(fn):
     return out, sorted({str(w.message) for w in got if issubclass(w.category, RuntimeWarning)}), time.perf_counter() - t0
 
 
-def run(data, dname, attacks, epochs, log, methods=None, strip=True):
+VICTIM_MODELS = {"small_cnn": "small_cnn_w16", "preact_resnet18": "preact_resnet18_w16"}
+
+
+def _victim(name: str, data):
+    from robustkit.models import PreActResNet18, SmallCNN
+
+    cls = SmallCNN if name == "small_cnn" else PreActResNet18
+    return cls(in_channels=data.channels, num_classes=data.num_classes, width=16)
+
+
+def run(data, dname, attacks, epochs, log, methods=None, strip=True, victim_augment=None, victim_model="small_cnn"):
     import robustkit
     from robustkit.backdoor import backdoor_metrics
     from robustkit.backdoor.metrics import triggered_test_set
     from robustkit.data import to_tensors
     from robustkit.errors import RobustkitError
     from robustkit.filtering import DETECTORS
-    from robustkit.models import SmallCNN
     from robustkit.repair import repair_and_measure, split_clean
     from robustkit.training import train
 
@@ -75,10 +89,12 @@ def run(data, dname, attacks, epochs, log, methods=None, strip=True):
         atk = robustkit.BACKDOORS.build(spec)
         poisoned = atk.poison(data.train, rate=rate, seed=0)
         torch.manual_seed(0)
-        model = SmallCNN(in_channels=data.channels, num_classes=data.num_classes, width=16)
-        _, _, sec = _caught(lambda: train(model, poisoned, progress=False, seed=0, epochs=epochs, **VICTIM))
+        model = _victim(victim_model, data)
+        _, _, sec = _caught(lambda: train(model, poisoned, progress=False, seed=0, epochs=epochs,
+                                          augment=victim_augment, **VICTIM))
         before = backdoor_metrics(model, atk, data.test)
-        base = {"data": dname, "attack": aname, "model": "small_cnn_w16"}
+        base = {"data": dname, "attack": aname, "model": VICTIM_MODELS[victim_model],
+                "victim_augment": victim_augment or "none"}
         rows.append({**base, "method": "none", "acc": before.acc, "asr": before.asr, "ra": before.ra, "seconds": sec})
         log(f"{dname:6} {aname:8} victim          ACC {100 * before.acc:5.1f} ASR {100 * before.asr:5.1f} {sec:6.1f}s")
         ft_sec = None
@@ -160,6 +176,9 @@ def main(argv=None) -> int:
                    help="run only these repairs (default: all; keep finetune for the time ratio)")
     p.add_argument("--no-strip", action="store_true", help="skip STRIP's detection rows")
     p.add_argument("--victim-epochs", type=int, default=None, help="victim epochs (default: digits 6, cifar 15)")
+    p.add_argument("--victim-augment", default=None, choices=["crop", "crop_flip"],
+                   help="train the victim on random crops (and flips); default: on the images as they are")
+    p.add_argument("--victim-model", default="small_cnn", choices=list(VICTIM_MODELS))
     args = p.parse_args(argv)
     _common.setup(args)
     attacks = ["badnets"] if args.quick else args.attacks
@@ -169,11 +188,14 @@ def main(argv=None) -> int:
     for dname in args.datasets:
         data, descs[dname] = _bdata.load(dname, args.data)
         epochs = args.victim_epochs or (3 if args.quick else (6 if dname == "digits" else 15))
-        print(f"{dname}: {descs[dname]}; victim SmallCNN-w16, {epochs} epochs", flush=True)
-        rows += run(data, dname, attacks, epochs, lambda s: print(s, flush=True), args.methods, not args.no_strip)
+        print(f"{dname}: {descs[dname]}; victim {VICTIM_MODELS[args.victim_model]}, {epochs} epochs, augment "
+              f"{args.victim_augment or 'none'}", flush=True)
+        rows += run(data, dname, attacks, epochs, lambda s: print(s, flush=True), args.methods, not args.no_strip,
+                    args.victim_augment, args.victim_model)
     md = tables(rows)
     print(md)
-    _common.write_json(args.out, {"benchmark": "baselines", "data": descs, "victim": VICTIM, "defenses": DEFENSES,
+    victim = {**VICTIM, "model": VICTIM_MODELS[args.victim_model], "augment": args.victim_augment or "none"}
+    _common.write_json(args.out, {"benchmark": "baselines", "data": descs, "victim": victim, "defenses": DEFENSES,
                                   "strip": STRIP, "attacks": {a: ATTACKS[a] for a in attacks}, "rows": rows,
                                   "markdown": md, "loadavg_start": load0, "loadavg_end": os.getloadavg(),
                                   "wall_seconds": time.perf_counter() - t_all, "threads": args.threads})
