@@ -405,6 +405,28 @@ def test_anp_on_the_real_victim_prunes_within_the_accuracy_bound(cnn_victim, dig
     assert d.figures(tmp_path) == ["anp_masks.png"] and d.tables()[0][1][0]["layer"] == "body.0.1"
 
 
+def test_anp_optimizes_the_masks_on_crops_when_asked():
+    """``augment="crop"`` (the paper's code crops the clean data) changes the masks, seeded; it is recorded and
+    refused on non-image data; the default is off (docs/baselines.md: worse on the digits victims)."""
+    from robustkit.data import ArrayDataset
+    from robustkit.repair.anp import ANP
+
+    torch.manual_seed(0)
+    x = torch.rand(40, 1, 8, 8)
+    data = ArrayDataset(x, (x[:, :, :, :4].mean((1, 2, 3)) > x[:, :, :, 4:].mean((1, 2, 3))).long())
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(4, 2))
+    kw = dict(iterations=3, batch_size=16, clean_ratio=1.0, holdout_ratio=0.1)
+    plain, crop, again = (ANP(**kw, augment=a).repair(model, data, progress=False) for a in (None, "crop", "crop"))
+    assert ANP().augment is None and plain.details.augment == "none" and crop.details.augment == "crop"
+    assert crop.details.masks == again.details.masks and crop.details.masks != plain.details.masks
+    assert "augment='crop'" in repr(ANP(augment="crop"))
+    with pytest.raises(InputError, match="crop_padding"):
+        ANP(crop_padding=-1)
+    with pytest.raises(InputError, match="augment must be"):
+        ANP(augment="flip")
+
+
 @pytest.mark.slow
 def test_anp_batch_statistics_keep_the_network_running_statistics_collapse_it(cnn_victim, digits16):
     """The root cause of ANP's collapse on small networks (docs/baselines.md): optimizing the masks with BN on
