@@ -29,11 +29,16 @@ Why the batch statistics matter (measured on the digits victims, docs/baselines.
 running statistics (``bn_mode="running"``, what robustkit did before) the masks of 45-63 of a
 SmallCNN's 96 BN neurons fell below 0.2 and pruning them left 10% accuracy; with batch statistics
 1-3 neurons fall below the threshold and clean accuracy is kept. (On such small networks those few
-neurons do not carry the backdoor either - ANP is documented there as not removing it.)
+neurons do not carry the backdoor either.) What decides whether the low masks are the backdoor
+neurons is how the *victim* was trained: on PreActResNet18 digits victims trained on random crops,
+as the paper's are, 44-59 of 848 neurons fall below 0.2 and ASR drops to 0-17% on three of four
+victim seeds (99-100% on all four trained on the bare images; ``benchmarks/anp_victims.py``).
 
 Simplifications: iterations are rounded up to whole passes over the clean subset (the paper
-samples batches with replacement); no data augmentation during the mask optimization (the
-paper's code uses random crops and flips). A model without BatchNorm is refused
+samples batches with replacement); the mask optimization sees the clean images as they are by
+default (``augment=None``); the paper's code uses random crops and flips, available as
+``augment="crop"`` / ``"crop_flip"`` but measured worse on the digits victims. A model without
+BatchNorm is refused
 (:class:`~robustkit.errors.InputError`): the perturbed neurons are BN channels (a ViT, which has
 LayerNorm instead, gets an error saying so).
 """
