@@ -3,7 +3,7 @@
 ANP (Wu & Wang, NeurIPS 2021) prunes the BatchNorm neurons whose learned mask falls below 0.2.
 On digits victims trained on the bare images it pruned 5-19 neurons and left ASR at 90-100%
 (docs/baselines.md). The paper's victims (and BackdoorBench's) are trained on random crops and
-flips. This script trains PreActResNet18 (width 16, 848 BN neurons) BadNets victims on grayscale
+flips. This script trains PreActResNet18 (width 16, 848 BN neurons; ``--width``) BadNets victims on grayscale
 16x16 digits (3x3 patch, 10% all-to-one poisoning, target 0; SGD lr 0.01, cosine) per victim seed,
 on the bare images (``none``, 10 epochs) and on random crops (``crop``, zero padding 2, 20 epochs),
 runs ANP at the paper's settings except ``--iterations`` and 5% clean data (67 images), and prunes
@@ -12,6 +12,7 @@ the same masks at several thresholds: ACC / ASR per threshold, the paper's 0.2 i
     python benchmarks/anp_victims.py --threads 1 --recipes none
     python benchmarks/anp_victims.py --threads 1 --recipes crop
     python benchmarks/anp_victims.py --threads 1 --recipes crop --mask-lr 0.5
+    python benchmarks/anp_victims.py --threads 1 --recipes crop --width 32
 
 Digits only (the CIFAR-10 subset's PreActResNet18 victims are in ``baselines.py --victim-model
 preact_resnet18``). One torch thread per run is the setting of the reference JSONs.
@@ -52,6 +53,7 @@ def main(argv=None) -> int:
     p.add_argument("--iterations", type=int, default=1000, help="ANP mask iterations (paper: 2000)")
     p.add_argument("--clean-ratio", type=float, default=0.05)
     p.add_argument("--mask-lr", type=float, default=0.2, help="ANP's mask learning rate (paper: 0.2)")
+    p.add_argument("--width", type=int, default=16, help="PreActResNet18 base width (paper's ResNet-18: 64)")
     args = p.parse_args(argv)
     _common.setup(args)
 
@@ -70,7 +72,7 @@ def main(argv=None) -> int:
         recipe = RECIPES[rname]
         for seed in seeds:
             torch.manual_seed(seed)
-            model = PreActResNet18(in_channels=1, num_classes=10, width=16)
+            model = PreActResNet18(in_channels=1, num_classes=10, width=args.width)
             t0 = time.perf_counter()
             train(model, poisoned, progress=False, seed=seed, **VICTIM, **recipe)
             model.eval()
@@ -105,7 +107,8 @@ def main(argv=None) -> int:
     _common.print_table(summary)
     _common.write_json(args.out, {"benchmark": "anp_victims", "data": "digits 16x16 grayscale (1,347 train / 450 test)",
                                   "attack": "badnets 3x3, 10%, target 0", "victim": VICTIM, "recipes": RECIPES,
-                                  "iterations": iterations, "clean_ratio": args.clean_ratio, "mask_lr": args.mask_lr, "rows": rows,
+                                  "iterations": iterations, "clean_ratio": args.clean_ratio, "mask_lr": args.mask_lr,
+                                  "width": args.width, "rows": rows,
                                   "summary": summary, "wall_seconds": time.perf_counter() - t_all,
                                   "threads": args.threads})
     return 0
