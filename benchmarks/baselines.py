@@ -17,6 +17,11 @@ calibrate) reports TPR on the triggered non-target test images and FPR on the cl
 ``--victim-augment`` trains the victim on random crops (``crop``; ``crop_flip`` adds the mirror, for
 natural images), as the papers' and BackdoorBench's victims are trained; ``--victim-model
 preact_resnet18`` swaps the SmallCNN for a width-16 PreActResNet18 (848 BatchNorm neurons for ANP).
+``--strip-blend add average`` runs STRIP with the paper's saturated sum and with the mean (docs/baselines.md:
+the sum can wash a Blended trigger out); ``--methods`` with no name runs the victims and STRIP only:
+
+    python benchmarks/baselines.py --threads 1 --victim-augment crop --victim-epochs 20 \
+        --victim-model preact_resnet18 --methods --strip-blend add average
 
 CPU budget (2 shared cores): the settings are each method's defaults except where listed in
 ``DEFENSES`` (batch 32 where a default batch would exceed the clean set; ANP's iterations and Neural
@@ -73,7 +78,8 @@ def _victim(name: str, data):
     return cls(in_channels=data.channels, num_classes=data.num_classes, width=16)
 
 
-def run(data, dname, attacks, epochs, log, methods=None, strip=True, victim_augment=None, victim_model="small_cnn"):
+def run(data, dname, attacks, epochs, log, methods=None, strip=True, victim_augment=None, victim_model="small_cnn",
+        strip_blends=("add",)):
     import robustkit
     from robustkit.backdoor import backdoor_metrics
     from robustkit.backdoor.metrics import triggered_test_set
@@ -123,16 +129,18 @@ def run(data, dname, attacks, epochs, log, methods=None, strip=True, victim_augm
                 + ("  COLLAPSED" if out.result.collapsed else ""))
         if not strip:
             continue
-        # STRIP: inference-time detection
-        t0 = time.perf_counter()
-        det = DETECTORS.build(STRIP).fit(model, split_clean(data.train, 0.10).train)
+        # STRIP: inference-time detection, once per superimposition rule asked for
         x, _ = to_tensors(data.test)
         xt, _, _ = triggered_test_set(atk, data.test, data.num_classes)
-        r = det.evaluate(x, xt)
-        sec = time.perf_counter() - t0
-        rows.append({**base, "method": "strip", "tpr": r["tpr"], "fpr": r["fpr"], "seconds": sec,
-                     "time_vs_finetune": sec / ft_sec if ft_sec else None})
-        log(f"{'':16} {'strip':15} TPR {100 * r['tpr']:5.1f} FPR {100 * r['fpr']:5.1f} {sec:6.1f}s")
+        for blend in strip_blends:
+            t0 = time.perf_counter()
+            det = DETECTORS.build({**STRIP, "blend": blend}).fit(model, split_clean(data.train, 0.10).train)
+            r = det.evaluate(x, xt)
+            sec = time.perf_counter() - t0
+            rows.append({**base, "method": "strip", "blend": blend, "tpr": r["tpr"], "fpr": r["fpr"],
+                         "threshold": det.threshold, "seconds": sec,
+                         "time_vs_finetune": sec / ft_sec if ft_sec else None})
+            log(f"{'':16} {'strip ' + blend:15} TPR {100 * r['tpr']:5.1f} FPR {100 * r['fpr']:5.1f} {sec:6.1f}s")
     return rows
 
 
@@ -152,8 +160,10 @@ def tables(rows: list[dict]) -> str:
                 out.append(f"| {r['attack']} | {r['method']} | | | | | | | raised: {r['raised']} |")
                 continue
             if r["method"] == "strip":
-                out.append(f"| {r['attack']} | STRIP (detection) | | | | | {r['seconds']:.1f} | "
-                           f"{r['time_vs_finetune']:.2f}x | TPR {_pct(r['tpr'])}, FPR {_pct(r['fpr'])} |")
+                blend = "" if r.get("blend", "add") == "add" else f", blend {r['blend']}"
+                ratio = f"{r['time_vs_finetune']:.2f}x" if r.get("time_vs_finetune") else ""
+                out.append(f"| {r['attack']} | STRIP (detection{blend}) | | | | | {r['seconds']:.1f} | "
+                           f"{ratio} | TPR {_pct(r['tpr'])}, FPR {_pct(r['fpr'])} |")
                 continue
             notes = []
             if r.get("collapsed"):
@@ -179,6 +189,8 @@ def main(argv=None) -> int:
     p.add_argument("--victim-augment", default=None, choices=["crop", "crop_flip"],
                    help="train the victim on random crops (and flips); default: on the images as they are")
     p.add_argument("--victim-model", default="small_cnn", choices=list(VICTIM_MODELS))
+    p.add_argument("--strip-blend", nargs="+", default=["add"], choices=["add", "average"],
+                   help="STRIP's superimposition: the paper's saturated sum (add) and/or the mean (average)")
     args = p.parse_args(argv)
     _common.setup(args)
     attacks = ["badnets"] if args.quick else args.attacks
@@ -191,12 +203,12 @@ def main(argv=None) -> int:
         print(f"{dname}: {descs[dname]}; victim {VICTIM_MODELS[args.victim_model]}, {epochs} epochs, augment "
               f"{args.victim_augment or 'none'}", flush=True)
         rows += run(data, dname, attacks, epochs, lambda s: print(s, flush=True), args.methods, not args.no_strip,
-                    args.victim_augment, args.victim_model)
+                    args.victim_augment, args.victim_model, args.strip_blend)
     md = tables(rows)
     print(md)
     victim = {**VICTIM, "model": VICTIM_MODELS[args.victim_model], "augment": args.victim_augment or "none"}
     _common.write_json(args.out, {"benchmark": "baselines", "data": descs, "victim": victim, "defenses": DEFENSES,
-                                  "strip": STRIP, "attacks": {a: ATTACKS[a] for a in attacks}, "rows": rows,
+                                  "strip": {**STRIP, "blends": args.strip_blend}, "attacks": {a: ATTACKS[a] for a in attacks}, "rows": rows,
                                   "markdown": md, "loadavg_start": load0, "loadavg_end": os.getloadavg(),
                                   "wall_seconds": time.perf_counter() - t_all, "threads": args.threads})
     return 0

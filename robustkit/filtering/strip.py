@@ -18,6 +18,9 @@ inputs) suspicious inputs in front of the model.
 
 Superimposition: ``blend="add"`` (default) is the paper's ``cv2.addWeighted(x, 1, overlay, 1, 0)``
 on [0, 1] images: the sum, saturated at 1. ``blend="average"`` uses ``(x + overlay) / 2``.
+The sum detected better on seven of eight measured victims; on images that saturate when summed
+(bright digits on black) it can wash a blended trigger out (TPR 0% vs 61.8% with the mean on one
+digits victim; docs/baselines.md, STRIP's section).
 Overlays for the threshold's clean inputs are drawn from the other clean images (never the
 image itself).
 
