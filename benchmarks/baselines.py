@@ -132,9 +132,10 @@ def run(data, dname, attacks, epochs, log, methods=None, strip=True, victim_augm
         # STRIP: inference-time detection, once per superimposition rule asked for
         x, _ = to_tensors(data.test)
         xt, _, _ = triggered_test_set(atk, data.test, data.num_classes)
+        calibration = split_clean(data.train, 0.10).train
         for blend in strip_blends:
             t0 = time.perf_counter()
-            det = DETECTORS.build({**STRIP, "blend": blend}).fit(model, split_clean(data.train, 0.10).train)
+            det = DETECTORS.build({**STRIP, "blend": blend}).fit(model, calibration)
             r = det.evaluate(x, xt)
             sec = time.perf_counter() - t0
             rows.append({**base, "method": "strip", "blend": blend, "tpr": r["tpr"], "fpr": r["fpr"],
